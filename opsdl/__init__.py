@@ -1,0 +1,2 @@
+"""opsdl: the thin OPSDL trainer built on ``opsdl_kernels``."""
+__version__ = "0.1.0"

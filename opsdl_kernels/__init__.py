@@ -1,0 +1,10 @@
+"""opsdl_kernels: the lm-head projection fused with per-token KL and log-prob math.
+
+``fused_rkl_loss`` (OPSDL's reverse KL, exact or single-sample), ``fused_kl_loss`` (any mix of
+reverse and forward KL) and ``fused_token_logprobs`` (the cross-entropy building block) never
+materialise the N x V logits: Triton kernels on CUDA, a row-chunked PyTorch implementation elsewhere.
+"""
+from .api import fused_kl_loss, fused_rkl_loss, fused_token_logprobs
+
+__all__ = ["fused_kl_loss", "fused_rkl_loss", "fused_token_logprobs"]
+__version__ = "0.1.0"

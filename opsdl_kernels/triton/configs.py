@@ -1,0 +1,118 @@
+"""Autotune configurations per GPU generation, and the shared-memory budget each must fit.
+
+The forward and backward kernels keep two fp32 accumulators of BLOCK_M x BLOCK_V in registers and
+stream BLOCK_K-wide slices of the hidden states and the weight through shared memory, ``num_stages``
+deep. ``shared_memory_bytes`` is the estimate the tests hold every config to.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Shared memory per block that a kernel may use (opt-in maximum), bytes.
+SHARED_MEMORY_LIMIT = {
+    "hopper": 227 * 1024,  # sm_90
+    "ampere": 163 * 1024,  # sm_80 (A100); sm_86/89 have 99 KiB and use the "ampere_small" list
+    "ampere_small": 99 * 1024,
+}
+
+# Every BLOCK_V divides VOCAB_SPLIT_ALIGN, so vocabulary splits always fall on tile boundaries.
+VOCAB_SPLIT_ALIGN = 256
+
+
+def _cfg(bm: int, bv: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+FORWARD_CONFIGS = {
+    "hopper": [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(64, 256, 64, 8, 2),
+        _cfg(64, 128, 64, 4, 4),
+    ],
+    "ampere": [
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(128, 128, 64, 8, 2),
+        _cfg(64, 128, 64, 4, 3),
+    ],
+    "ampere_small": [
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(64, 128, 32, 4, 4),
+    ],
+}
+
+BACKWARD_CONFIGS = {
+    "hopper": [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(64, 128, 64, 4, 3),
+        _cfg(128, 64, 64, 4, 3),
+    ],
+    "ampere": [
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(64, 128, 64, 4, 3),
+    ],
+    "ampere_small": [
+        _cfg(64, 128, 32, 4, 3),
+        _cfg(64, 64, 64, 4, 2),
+    ],
+}
+
+# Used when no listed config fits (fp32 inputs on a small-shared-memory card).
+FALLBACK_CONFIG = _cfg(32, 64, 32, 4, 2)
+
+# One small config for the CPU interpreter: autotuning there would only multiply the run time.
+INTERPRETER_CONFIG = _cfg(16, 32, 16, 1, 1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def shared_memory_bytes(config: triton.Config, element_bytes: int, backward: bool) -> int:
+    """Upper estimate of the shared memory one program of a kernel needs.
+
+    Per pipeline stage the worst case streams a BLOCK_M x BLOCK_K slice of the student and of the
+    teacher hidden states and a BLOCK_V x BLOCK_K slice of each of two lm-head weights (separate
+    teacher weight). The backward also stages its BLOCK_M x BLOCK_V gradient tile, in the input
+    dtype, as an operand of the dh and dW products.
+    """
+    bm, bv, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
+    streamed = config.num_stages * (2 * bm * bk + 2 * bv * bk) * element_bytes
+    staged = bm * bv * element_bytes if backward else 0
+    return streamed + staged
+
+
+def generation(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return "hopper"
+    if (major, minor) == (8, 0):
+        return "ampere"
+    return "ampere_small"
+
+
+def all_configs(table: dict[str, list[triton.Config]]) -> list[triton.Config]:
+    if interpreting():
+        return [INTERPRETER_CONFIG]
+    return [c for configs in table.values() for c in configs] + [FALLBACK_CONFIG]
+
+
+def prune_for_device(table: dict[str, list[triton.Config]], backward: bool):
+    """An ``early_config_prune`` hook: the configs listed for the current GPU that fit its shared
+    memory at the inputs' element size, or the fallback when none does."""
+
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return configs
+        gen = generation(torch.device("cuda", torch.cuda.current_device()))
+        element_bytes = named_args["h_ptr"].element_size()
+        fitting = [
+            c for c in table[gen]
+            if shared_memory_bytes(c, element_bytes, backward) <= SHARED_MEMORY_LIMIT[gen]
+        ]
+        return fitting or [FALLBACK_CONFIG]
+
+    return prune

@@ -1,0 +1,64 @@
+"""Device helpers shared by the forward and backward kernels: one projection tile and its logits."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def project_tile(
+    x_ptr, w_ptr, rows, cols, row_mask, col_mask, K,
+    stride_xn, stride_xk, stride_wv, stride_wk,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc[m, v] = sum_k x[rows[m], k] * w[cols[v], k] in fp32; ``rows``/``cols`` are int64."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def project_pair_tile(
+    x_ptr, y_ptr, w_ptr, rows, cols, row_mask, col_mask, K,
+    stride_xn, stride_xk, stride_yn, stride_yk, stride_wv, stride_wk,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Two projections through one weight, each weight tile loaded once: (x w^T, y w^T) in fp32."""
+    acc_x = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    acc_y = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
+    y_ptrs = y_ptr + rows[:, None] * stride_yn + ks[None, :] * stride_yk
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc_x = tl.dot(x, w, acc_x, input_precision=DOT_PRECISION)
+        y = tl.load(y_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc_y = tl.dot(y, w, acc_y, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        y_ptrs += BLOCK_K * stride_yk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc_x, acc_y
+
+
+@triton.jit
+def finish_logits(z, bias_ptr, cols, col_mask, inv_temperature, softcap,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """s = cap * tanh((z + b) / cap) / tau (softcap optional), fp32."""
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        # tanh(u) = sign(u) (1 - e^{-2|u|}) / (1 + e^{-2|u|}): no overflow for any u
+        e = tl.exp(-2.0 * tl.abs(z / softcap))
+        th = (1.0 - e) / (1.0 + e)
+        z = softcap * tl.where(z < 0, -th, th)
+    return z * inv_temperature
