@@ -113,9 +113,10 @@ def test_extreme_logits_stay_finite_and_correct(impl):
         loss.backward()
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads_of(inputs) if g is not None)
         assert rel_err(loss, ref_loss) < 1e-4
-        # the distributions are one-hot: true gradients are ~1e-100, so compare absolutely
+        # one-hot distributions: the full KL's true gradients are ~1e-100 (compare absolutely),
+        # the sampled one's are ~1e6 (compare relatively)
         for got, want in zip(grads_of(inputs)[:2], ref_grads[:2]):
-            assert float((got.double() - want).abs().max()) < 1e-4
+            assert float((got.double() - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
