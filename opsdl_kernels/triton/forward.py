@@ -11,9 +11,9 @@ from torch import Tensor
 from .configs import FORWARD_CONFIGS, VOCAB_SPLIT_ALIGN, all_configs, interpreting, prune_for_device
 from .tiles import finish_logits, project_pair_tile, project_tile
 
-# Rows of the per-(row, split) state buffer.
-M_S, L_S, M_T, L_T, ACC_R, ACC_F, S_Y, T_Y = range(8)
-NUM_STATE = 8
+# Planes of the (plane, split, row) state buffer: ints for the host, constexpr for the kernel.
+STATE_PLANES = ("m_s", "l_s", "m_t", "l_t", "acc_r", "acc_f", "s_y", "t_y")
+M_S, L_S, M_T, L_T, ACC_R, ACC_F, S_Y, T_Y = (tl.constexpr(i) for i in range(len(STATE_PLANES)))
 
 
 @triton.autotune(
@@ -151,12 +151,12 @@ def _merge(m: Tensor, l: Tensor, *accs: Tensor) -> tuple[Tensor, ...]:
 
 
 def _launch(h, g, weight, teacher_weight, bias, teacher_bias, targets, *, temperature, softcap,
-            acc_reverse, acc_forward, vocab_splits) -> Tensor:
+            acc_reverse, acc_forward, vocab_splits) -> dict[str, Tensor]:
     n, vocab = h.shape[0], weight.shape[0]
     has_teacher = g is not None
     targets = None if targets is None else targets.contiguous()
     splits, split_size = plan_vocab_splits(n, vocab, h.device, vocab_splits)
-    state = torch.zeros((NUM_STATE, splits, n), dtype=torch.float32, device=h.device)
+    state = torch.zeros((len(STATE_PLANES), splits, n), dtype=torch.float32, device=h.device)
     shared = has_teacher and teacher_weight is weight
     g_, u_ = (g, teacher_weight) if has_teacher else (h, weight)
     dummy = state  # never read: its flag is off
@@ -174,7 +174,7 @@ def _launch(h, g, weight, teacher_weight, bias, teacher_bias, targets, *, temper
         HAS_SOFTCAP=softcap is not None, ACC_REVERSE=acc_reverse, ACC_FORWARD=acc_forward,
         DOT_PRECISION=dot_precision(h.dtype),
     )
-    return state
+    return dict(zip(STATE_PLANES, state.unbind(0)))
 
 
 def kl_forward(
@@ -189,13 +189,13 @@ def kl_forward(
     state = _launch(h, g, weight, teacher_weight, bias, teacher_bias, targets if sampled else None,
                     temperature=temperature, softcap=softcap, acc_reverse=acc_reverse,
                     acc_forward=acc_forward, vocab_splits=vocab_splits)
-    m_s, l_s, acc_r = _merge(state[M_S], state[L_S], state[ACC_R])
-    m_t, l_t, acc_f = _merge(state[M_T], state[L_T], state[ACC_F])
+    m_s, l_s, acc_r = _merge(state["m_s"], state["l_s"], state["acc_r"])
+    m_t, l_t, acc_f = _merge(state["m_t"], state["l_t"], state["acc_f"])
     lse_s = m_s + torch.log(l_s)
     lse_t = m_t + torch.log(l_t)
     if sampled:
         # each target column lies in exactly one split; the others contributed 0
-        s_y, t_y = state[S_Y].sum(0), state[T_Y].sum(0)
+        s_y, t_y = state["s_y"].sum(0), state["t_y"].sum(0)
         return (s_y - lse_s) - (t_y - lse_t), lse_s, lse_t, None
     # sum_v p_v (s_v - t_v) = A / l_s; KL(p||q) = E_p[s - t] - lse_s + lse_t
     kl_r = acc_r / l_s - lse_s + lse_t
@@ -213,6 +213,6 @@ def logprob_forward(
     """Triton twin of ``torch_impl.logprob_forward``: ``(log p_y, lse)``."""
     state = _launch(h, None, weight, None, bias, None, targets, temperature=temperature,
                     softcap=softcap, acc_reverse=False, acc_forward=False, vocab_splits=vocab_splits)
-    m_s, l_s = _merge(state[M_S], state[L_S])
+    m_s, l_s = _merge(state["m_s"], state["l_s"])
     lse = m_s + torch.log(l_s)
-    return state[S_Y].sum(0) - lse, lse
+    return state["s_y"].sum(0) - lse, lse

@@ -1,0 +1,29 @@
+"""The kernels compile for Hopper and Ampere, and every autotune config fits the shared memory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+
+from opsdl_kernels.triton.configs import SHARED_MEMORY_LIMIT, shared_memory_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_config_compiles_for_its_gpu_within_shared_memory():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    out = subprocess.run([sys.executable, "-m", "tests.kernels.compile_for_gpu"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) >= 16 and {r["gen"] for r in results} == set(SHARED_MEMORY_LIMIT)
+    for r in results:
+        assert r["shared"] <= SHARED_MEMORY_LIMIT[r["gen"]], r
+        config = triton.Config(r["config"], num_stages=r["num_stages"])
+        element_bytes = 4 if r["variant"].endswith("fp32") else 2
+        # the estimate the autotune pruning relies on is an upper bound of what the compiler takes
+        assert r["shared"] <= shared_memory_bytes(config, element_bytes, r["kernel"] == "backward"), r
