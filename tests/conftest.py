@@ -2,10 +2,18 @@
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, so before
 ``opsdl_kernels.triton`` is imported; tests that need the opposite start a subprocess.
+On a GPU machine, ``OPSDL_TEST_DEVICE=cuda`` runs the same tests on CUDA tensors with compiled
+Triton (``benchmarks/device_check.sh`` does this).
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+TEST_DEVICE = os.environ.get("OPSDL_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    torch.set_default_device(TEST_DEVICE)
 
 import numpy as np  # noqa: E402
 
@@ -15,7 +23,7 @@ import numpy as np  # noqa: E402
 # We upcast bf16 operands to fp32 before the product, which is what the GPU's bf16 MMA computes
 # (exact products, fp32 accumulation). No kernel is changed for it; compiled Triton never sees it.
 # ---------------------------------------------------------------------------------------------
-if os.environ["TRITON_INTERPRET"] == "1":
+if os.environ.get("TRITON_INTERPRET") == "1":
     import triton.language as tl
     from triton.runtime import interpreter as _interp
 

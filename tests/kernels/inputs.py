@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
+
+# Where the tests run: "cpu" (Triton interpreted) or "cuda" (compiled), see tests/conftest.py.
+DEVICE = torch.device(os.environ.get("OPSDL_TEST_DEVICE", "cpu"))
 
 # Max-norm relative error allowed against the float64 reference (see reference.rel_err).
 # fp32 runs with IEEE dot products; 16-bit inputs lose ~3 digits in the gradient tiles they feed
@@ -20,11 +24,12 @@ def make_inputs(
     bias: bool = False, teacher_bias: bool = False, mask: bool = False, token_weights: bool = False,
     targets: bool = True,
 ) -> dict:
-    """Keyword arguments for fused_kl_loss; teacher_hidden set means a separate teacher weight."""
-    gen = torch.Generator().manual_seed(seed)
+    """Keyword arguments for fused_kl_loss; teacher_hidden set means a separate teacher weight.
+    Drawn on the CPU from a seeded generator (the same numbers on any machine), then moved to DEVICE."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen) * scale
+        return (torch.randn(*shape, generator=gen, device="cpu") * scale).to(DEVICE)
 
     h = randn(*lead, hidden)
     w = randn(vocab, hidden, scale=logit_scale / math.sqrt(hidden))
@@ -41,14 +46,14 @@ def make_inputs(
     if teacher_bias:
         out["teacher_bias"] = randn(vocab, scale=0.5).to(dtype)
     if targets:
-        out["targets"] = torch.randint(0, vocab, lead, generator=gen)
+        out["targets"] = torch.randint(0, vocab, lead, generator=gen, device="cpu").to(DEVICE)
     if mask:
-        m = torch.rand(*lead, generator=gen) < 0.6
+        m = (torch.rand(*lead, generator=gen, device="cpu") < 0.6).to(DEVICE)
         m.view(-1)[0] = True
         m.view(-1)[-1] = False if m.numel() > 1 else True
         out["mask"] = m
     if token_weights:
-        out["token_weights"] = torch.rand(*lead, generator=gen) + 0.5
+        out["token_weights"] = (torch.rand(*lead, generator=gen, device="cpu") + 0.5).to(DEVICE)
     return out
 
 
@@ -60,3 +65,8 @@ def clear_grads(inputs: dict) -> None:
     for k in ("student_hidden", "weight", "bias"):
         if inputs.get(k) is not None:
             inputs[k].grad = None
+
+
+def cpu_randn(*shape: int, seed: int) -> torch.Tensor:
+    """Seeded standard normals drawn on the CPU, moved to DEVICE."""
+    return torch.randn(*shape, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu").to(DEVICE)

@@ -8,7 +8,7 @@ import torch
 
 from opsdl_kernels import fused_kl_loss, fused_rkl_loss, fused_token_logprobs
 
-from .inputs import DTYPES, IMPLS, TOLERANCE, clear_grads, grads_of, make_inputs
+from .inputs import DTYPES, IMPLS, TOLERANCE, clear_grads, cpu_randn, grads_of, make_inputs
 from .reference import reference_kl, reference_logprobs, rel_err
 
 # (name, shape options for make_inputs, loss options)
@@ -91,7 +91,7 @@ def test_identical_views_give_zero_kl_and_zero_gradient(impl):
 def test_near_identical_views_absolute_error(impl):
     """KL of two close distributions is a small difference of large numbers: absolute tolerance."""
     inputs = make_inputs((8,), 32, 400, dtype=torch.float32, seed=4, logit_scale=8.0)
-    noise = torch.randn(inputs["student_hidden"].shape, generator=torch.Generator().manual_seed(5)) * 1e-3
+    noise = cpu_randn(*inputs["student_hidden"].shape, seed=5) * 1e-3
     inputs["teacher_hidden"] = inputs["student_hidden"].detach() + noise
     ref_loss, ref_grads = reference_kl(**inputs, reduction="none", upstream=torch.ones(8))
     loss = fused_rkl_loss(**inputs, reduction="none", impl=impl, filter_eps=None)
@@ -171,12 +171,11 @@ def test_teacher_side_is_constant(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_inputs(impl):
     base = make_inputs((6,), 16, 300, dtype=torch.float32, seed=12)
-    gen = torch.Generator().manual_seed(13)
-    wide = torch.randn(6, 32, generator=gen)
+    wide = cpu_randn(6, 32, seed=13)
     h = wide[:, ::2].clone().requires_grad_()  # contiguous leaf for the reference
     h_view = wide[:, ::2].requires_grad_()  # stride (32, 2)
     w_t = base["weight"].detach().t().contiguous().t().requires_grad_()  # column-major (V, H)
-    g = torch.randn(16, 6, generator=gen).t()
+    g = cpu_randn(16, 6, seed=14).t()
     ref_loss, ref_grads = reference_kl(h, g, w_t)
     loss = fused_rkl_loss(h_view, g, w_t, impl=impl, filter_eps=None)
     loss.backward()
