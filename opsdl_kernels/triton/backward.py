@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import BACKWARD_CONFIGS, all_configs, prune_for_device
+from .configs import BACKWARD_CONFIGS, VOCAB_SPLIT_ALIGN, all_configs, prune_for_device
 from .forward import dot_precision
 from .tiles import finish_logits, project_pair_tile, project_tile
 
@@ -24,7 +24,7 @@ def grad_kernel(
     h_ptr, g_ptr, w_ptr, u_ptr, b_ptr, c_ptr, y_ptr,
     lse_s_ptr, lse_t_ptr, kl_ptr, coeff_ptr,
     dh_ptr, dw_ptr, db_ptr,
-    N, V, H, HT,
+    N, V, H, HT, v_offset,
     stride_hn, stride_hk, stride_gn, stride_gk, stride_wv, stride_wk, stride_uv, stride_uk,
     inv_temperature, temperature_over_cap, softcap, reverse_weight, filter_eps,
     MODE_KL: tl.constexpr, MIX_FORWARD: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
@@ -33,7 +33,8 @@ def grad_kernel(
     FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One (row tile, vocabulary tile): G = coeff / tau * cap'(z) * D, then
+    """One (row tile, vocabulary tile) of a vocabulary slab starting at ``v_offset``:
+    G = coeff / tau * cap'(z) * D, then
         dh[rows] += G W[cols],   dW[cols] += G^T h[rows],   db[cols] += sum_rows G   (fp32 atomics)
     with D = rw * p (log p - log q - KL_r) + (1 - rw) (p - q)     (MODE_KL, teacher recomputed)
     or   D = onehot(y) - p                                         (REINFORCE / token log-prob).
@@ -75,7 +76,7 @@ def grad_kernel(
         zs = project_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H,
                           stride_hn, stride_hk, stride_wv, stride_wk, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         s = finish_logits(zs, b_ptr, cols, col_mask, inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
-        y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+        y = tl.load(y_ptr + rows, mask=row_mask, other=-1) - v_offset  # column within this slab
         d = tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - tl.exp(s - lse_s[:, None])
     if HAS_SOFTCAP:
         th = s * temperature_over_cap  # tanh(z / cap)
@@ -111,8 +112,23 @@ def grad_kernel(
                               mask=col_mask[:, None] & k_mask[None, :])
 
 
+# fp32 accumulation buffer for one vocabulary slab of dW when the weight is 16-bit.
+DW_SLAB_BYTES = 64 << 20
+
+
+def _dw_slab_columns(vocab: int, hidden: int, weight_dtype: torch.dtype) -> int:
+    """Vocabulary rows per backward launch: all of them when dW accumulates in place (fp32 weight),
+    else as many as fit DW_SLAB_BYTES of fp32, in whole VOCAB_SPLIT_ALIGN blocks."""
+    if weight_dtype == torch.float32:
+        return vocab
+    rows = DW_SLAB_BYTES // (4 * hidden) // VOCAB_SPLIT_ALIGN * VOCAB_SPLIT_ALIGN
+    return min(vocab, max(VOCAB_SPLIT_ALIGN, rows))
+
+
 def _launch(h, g, weight, teacher_weight, bias, teacher_bias, targets, lse_s, lse_t, kl_reverse, coeff,
             *, temperature, softcap, reverse_weight, needs, filter_eps):
+    """Launch the kernel slab by slab over the vocabulary. dh and db accumulate in fp32 over all
+    slabs; dW is final once its slab is done, so a 16-bit weight needs only one slab of fp32."""
     n, hidden = h.shape
     vocab = weight.shape[0]
     # per-row vectors are indexed densely; an upstream grad of a sum arrives expanded (stride 0)
@@ -121,32 +137,46 @@ def _launch(h, g, weight, teacher_weight, bias, teacher_bias, targets, lse_s, ls
     need_dh, need_dw, need_db = needs
     dev = h.device
     dh = torch.zeros((n, hidden), dtype=torch.float32, device=dev) if need_dh else None
-    dw = torch.zeros((vocab, hidden), dtype=torch.float32, device=dev) if need_dw else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    slab = _dw_slab_columns(vocab, hidden, weight.dtype)
+    dw_slab = None
+    if need_dw and weight.dtype != torch.float32:
+        dw_slab = torch.empty((slab, hidden), dtype=torch.float32, device=dev)
     mode_kl = g is not None
     shared = mode_kl and teacher_weight is weight
     g_, u_ = (g, teacher_weight) if mode_kl else (h, weight)
     dummy = coeff  # never read or written: its flag is off
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
-    grad_kernel[grid](
-        h, g_, weight, u_,
-        dummy if bias is None else bias, dummy if teacher_bias is None else teacher_bias,
-        dummy if targets is None else targets,
-        lse_s, dummy if lse_t is None else lse_t, dummy if kl_reverse is None else kl_reverse, coeff,
-        dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
-        n, vocab, hidden, g_.shape[1],
-        h.stride(0), h.stride(1), g_.stride(0), g_.stride(1),
-        weight.stride(0), weight.stride(1), u_.stride(0), u_.stride(1),
-        1.0 / temperature, 0.0 if softcap is None else temperature / softcap,
-        1.0 if softcap is None else softcap, reverse_weight, 0.0 if filter_eps is None else filter_eps,
-        MODE_KL=mode_kl, MIX_FORWARD=mode_kl and reverse_weight != 1.0, SHARED_WEIGHT=shared,
-        HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None,
-        HAS_SOFTCAP=softcap is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-        FILTER=filter_eps is not None, DOT_PRECISION=dot_precision(h.dtype),
-    )
+    for v0 in range(0, vocab, slab):
+        v1 = min(vocab, v0 + slab)
+        if dw is None:
+            dw_acc = dummy
+        elif dw_slab is None:
+            dw_acc = dw[v0:v1].zero_()
+        else:
+            dw_acc = dw_slab[: v1 - v0].zero_()
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(v1 - v0, meta["BLOCK_V"]),)  # noqa: E731
+        grad_kernel[grid](
+            h, g_, weight[v0:v1], u_[v0:v1],
+            dummy if bias is None else bias[v0:v1], dummy if teacher_bias is None else teacher_bias[v0:v1],
+            dummy if targets is None else targets,
+            lse_s, dummy if lse_t is None else lse_t, dummy if kl_reverse is None else kl_reverse, coeff,
+            dummy if dh is None else dh, dw_acc, dummy if db is None else db[v0:v1],
+            n, v1 - v0, hidden, g_.shape[1], v0,
+            h.stride(0), h.stride(1), g_.stride(0), g_.stride(1),
+            weight.stride(0), weight.stride(1), u_.stride(0), u_.stride(1),
+            1.0 / temperature, 0.0 if softcap is None else temperature / softcap,
+            1.0 if softcap is None else softcap, reverse_weight, 0.0 if filter_eps is None else filter_eps,
+            MODE_KL=mode_kl, MIX_FORWARD=mode_kl and reverse_weight != 1.0, SHARED_WEIGHT=shared,
+            HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None,
+            HAS_SOFTCAP=softcap is not None, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+            FILTER=filter_eps is not None, DOT_PRECISION=dot_precision(h.dtype),
+        )
+        if dw_slab is not None:
+            dw[v0:v1].copy_(dw_acc)
     return (
         None if dh is None else dh.to(h.dtype),
-        None if dw is None else dw.to(weight.dtype),
+        dw,
         None if db is None else db.to(bias.dtype),
     )
 

@@ -12,7 +12,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 ARCH = {"hopper": 90, "ampere": 80, "ampere_small": 86}
-SCALARS_I32 = {"N", "V", "H", "HT", "split_size", "num_splits"}
+SCALARS_I32 = {"N", "V", "H", "HT", "split_size", "num_splits", "v_offset"}
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
@@ -74,7 +74,7 @@ def _compile(job) -> dict:
     constexprs = {**flags, **cfg.kwargs, **unit_strides}
     signature = _signature(fn, {**pointers, "y_ptr": "*i64"}, constexprs)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name].startswith("*") or (signature[name] in ("i32", "i64") and name not in ("N", "V"))}
+             if signature[name].startswith("*") or (signature[name] in ("i32", "i64") and name not in ("N", "V", "v_offset"))}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCH[gen], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
