@@ -1,0 +1,73 @@
+"""Packed forward passes equal unpacked ones, per sequence, for every supported family."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opsdl.model import decoder, lm_head, packed_hidden_states, tiny_config
+from opsdl.packing import pack
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2"]
+
+
+def _model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_hidden_states_equal_unpacked(family):
+    model = _model(family)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [7, 1, 13, 10]  # includes a length-1 sequence; 13 > gemma2's sliding window of 8
+    seqs = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
+    with torch.no_grad():
+        packed = packed_hidden_states(model, pack(seqs))
+        for seq, start in zip(seqs, pack(seqs).cu_seqlens[:-1].tolist()):
+            alone = decoder(model)(input_ids=torch.tensor([seq])).last_hidden_state[0]
+            got = packed[start:start + len(seq)]
+            assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5), (family, (got - alone).abs().max())
+
+
+def test_transformers_alone_does_not_isolate_packed_sequences():
+    """Why the registered attention exists: with only restarted position ids, sdpa leaks."""
+    model = _model("llama")
+    seqs = [[5, 6, 7, 8], [9, 10, 11]]
+    p = pack(seqs)
+    with torch.no_grad():
+        leaky = decoder(model)(input_ids=p.input_ids, position_ids=p.position_ids).last_hidden_state[0, 4:]
+        alone = decoder(model)(input_ids=torch.tensor([seqs[1]])).last_hidden_state[0]
+    assert not torch.allclose(leaky, alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_head_found(family):
+    model = _model(family)
+    head = lm_head(model)
+    assert head.weight.shape == (512, 64)
+    assert head.softcap == (30.0 if family == "gemma2" else None)
+    hidden = torch.randn(3, 64)
+    logits = model.lm_head(hidden)
+    if head.softcap:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    expected = hidden @ head.weight.t()
+    if head.softcap:
+        expected = head.softcap * torch.tanh(expected / head.softcap)
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_tied_embeddings_are_the_head():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True))
+    assert lm_head(model).weight is model.get_input_embeddings().weight
+
+
+def test_pack_layout_and_errors():
+    p = pack([[1, 2, 3], [4], [5, 6]])
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert p.cu_seqlens.tolist() == [0, 3, 4, 6] and p.max_length == 3
+    with pytest.raises(ValueError, match="sequences"):
+        pack([])
+    with pytest.raises(ValueError, match="sequences"):
+        pack([[1], []])
