@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: kernel tests with compiled Triton, then the benchmark grid, then a
+# One command for a GPU machine: kernel tests with compiled Triton (and the packed-attention tests on
+# CUDA), then the benchmark grid, then a
 # report (markdown + JSON + PNG) in the output folder.
 #
 #   benchmarks/device_check.sh [OUT_DIR]         OUT_DIR defaults to $OUT, else benchmarks/results/<date>
@@ -40,7 +41,7 @@ if [ "$dry_run" = 1 ]; then
     test_cmd=("$py" -m pytest tests/kernels -q -x -p no:cacheprovider --deselect tests/kernels/test_gpu_compile.py)
 else
     export OPSDL_TEST_DEVICE=cuda TRITON_INTERPRET=0
-    test_cmd=("$py" -m pytest tests/kernels -q -p no:cacheprovider)
+    test_cmd=("$py" -m pytest tests/kernels tests/trainer/test_packing.py -q -p no:cacheprovider)
 fi
 
 echo "device_check: [1/3] kernel tests -> $out/tests.log"

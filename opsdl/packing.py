@@ -5,7 +5,7 @@
 as ``"opsdl_varlen"``; a model whose attention implementation is set to it (``packed_attention``)
 attends within segments only: ``flash_attn_varlen_func`` on CUDA when flash-attn is installed,
 PyTorch's ``varlen_attn`` on CUDA otherwise (where the running torch has it and the layer needs
-neither a logit softcap nor a sliding window), and an exact per-segment computation elsewhere.
+no attention-logit softcap), and an exact per-segment computation elsewhere.
 transformers alone does not isolate packed sequences on the CPU (sdpa, eager and flex all let the
 second sequence see the first when given only restarted position ids).
 """
@@ -88,19 +88,19 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
-def _torch_varlen(q, k, v, cu, max_len, scaling):
+def _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window):
     """PyTorch's own varlen attention (torch >= 2.10); its causality argument changed between
-    releases, so the signature is read at run time. None when unavailable."""
+    releases, so the signature is read at run time. None when unavailable for this layer."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
     kwargs = {"scale": scaling} if "scale" in params else {}
-    if "is_causal" in params:
+    if "window_size" in params:  # (left, right); a window of W keys is W - 1 to the left
+        kwargs["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+    elif "is_causal" in params and sliding_window is None:
         kwargs["is_causal"] = True
-    elif "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
     else:
         return None
     if "enable_gqa" in params:
@@ -127,15 +127,15 @@ def varlen_attention(
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
-    if query.is_cuda:
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):  # flash kernels: 16-bit only
         flash = _flash_attn_varlen()
         if flash is not None:
             window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
             out = flash(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
                         window_size=window, softcap=softcap or 0.0)
             return out[None], None
-        if softcap is None and sliding_window is None:
-            out = _torch_varlen(q, k, v, cu, max_len, scaling)
+        if softcap is None:
+            out = _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window)
             if out is not None:
                 return out[None], None
     bounds = cu.tolist()
