@@ -1,4 +1,4 @@
-"""`opsdl train` (and the subcommands to come): argument parsing only."""
+"""`opsdl train | prepare`: argument parsing only."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
+from .prepare import PrepareConfig
 from .train import TrainConfig
 
 
@@ -32,20 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="OPSDL training (defaults: SmolLM2 on synthetic needles, CPU)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_arguments(train, TrainConfig)
+    prepare = commands.add_parser("prepare", help="(long context, short context, question) triplets from your documents",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_arguments(prepare, PrepareConfig)
     return parser
+
+
+COMMANDS = {"train": TrainConfig, "prepare": PrepareConfig}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    config_type = COMMANDS[args.command]
+    config = config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
     if args.command == "train":
-        from .train import train
-
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-        try:
-            train(TrainConfig(**values))
-        except (ValueError, FileNotFoundError) as e:
-            print(f"opsdl train: error: {e}", file=sys.stderr)
-            return 2
+        from .train import train as run
+    else:
+        from .prepare import prepare as run
+    try:
+        run(config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"opsdl {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,13 +11,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 PLAIN_TEMPLATE = "{context}\n\nQuestion: {question}\nAnswer:"
 
 
+def chat_ids(tokenizer: PreTrainedTokenizerBase, user_text: str) -> list[int]:
+    """One user turn in the model's chat template, ending where the assistant's answer starts
+    (the bare text and a newline when the tokenizer has no chat template)."""
+    if not tokenizer.chat_template:
+        return tokenizer(user_text + "\n", add_special_tokens=True).input_ids
+    messages = [{"role": "user", "content": user_text}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, context: str, question: str) -> list[int]:
-    """The model's chat prompt for one user turn holding the context then the question, ending
-    where the assistant's answer starts; ``PLAIN_TEMPLATE`` when there is no chat template."""
+    """The prompt for a question about a context: one chat turn holding the context, a blank line
+    and the question; ``PLAIN_TEMPLATE`` when the tokenizer has no chat template."""
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": f"{context}\n\n{question}"}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return chat_ids(tokenizer, f"{context}\n\n{question}")
     text = PLAIN_TEMPLATE.format(context=context, question=question)
     return tokenizer(text, add_special_tokens=True).input_ids
 

@@ -1,0 +1,313 @@
+"""(long context, short context, question) triplets from a user's own long documents.
+
+The paper's data step: for each long document C_L take contiguous segments C_S that fit the model's
+well-trained window, have the model itself write a pool of questions about C_S (Self-Instruct), and
+keep the ones that pass simple filters. No answers and no external labeller. The output is the
+training JSONL of ``opsdl train --data``, with provenance: the source documents and the character
+offsets of C_S in C_L (``long_context[start:end] == short_context``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pydoc
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from tqdm import tqdm
+
+from .data import DataError
+
+DEFAULT_TEMPLATE = (
+    "Read the passage below and write {n} different questions that can be answered using only this "
+    "passage. Write one question per line, each ending with a question mark.\n\nPassage:\n{segment}"
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+|\n\s*\n")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{3,}")
+_STOPWORDS = frozenset(
+    "this that with from what which when where does have about these those their there would could should "
+    "into your will been were they them than then each other such only also more most some many much".split())
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+@dataclass
+class PrepareStats:
+    documents: int = 0
+    segments: int = 0
+    generated: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"documents": self.documents, "segments": self.segments, "generated": self.generated,
+                "kept": self.kept, "dropped": dict(self.dropped)}
+
+
+# ---- reading documents ------------------------------------------------------------------------
+
+def read_documents(path: Path) -> list[Document]:
+    """A JSONL file of {"text"[, "id"]} objects, or a folder of .txt/.md files (sorted by name)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+        if not files:
+            raise DataError(f"{path}: no .txt or .md files in this folder")
+        docs = []
+        for f in files:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                raise DataError(f"{f}: the document is empty")
+            docs.append(Document(str(f.relative_to(path)), text))
+        return docs
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or folder")
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{where}: field 'text': expected an object with a string 'text'")
+            if not record["text"].strip():
+                raise DataError(f"{where}: field 'text': the document is empty")
+            docs.append(Document(str(record.get("id", f"line{lineno}")), record["text"]))
+    if not docs:
+        raise DataError(f"{path}: no documents (the file is empty)")
+    return docs
+
+
+def pydoc_documents(modules: Sequence[str]) -> list[Document]:
+    """Python's own documentation as real long text: pydoc's plain-text rendering of each module."""
+    docs = []
+    for name in modules:
+        try:
+            text = pydoc.render_doc(name, renderer=pydoc.plaintext)
+        except (ImportError, pydoc.ErrorDuringImport) as e:
+            raise DataError(f"--pydoc: module {name!r} cannot be documented: {e}") from None
+        docs.append(Document(f"pydoc:{name}", text))
+    return docs
+
+
+# ---- long contexts and segments ---------------------------------------------------------------
+
+def long_contexts(docs: Sequence[Document], target_tokens: int,
+                  count_tokens: Callable[[str], int]) -> Iterator[tuple[list[str], str]]:
+    """Documents used whole, or consecutive ones joined (blank line between) until the target
+    length is reached; yields (source ids, text)."""
+    group, text, tokens = [], "", 0
+    for doc in docs:
+        group.append(doc.id)
+        text = doc.text if not text else text + "\n\n" + doc.text
+        tokens += count_tokens(doc.text)
+        if tokens >= target_tokens:
+            yield group, text
+            group, text, tokens = [], "", 0
+    if group:
+        yield group, text
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of sentences and paragraphs: a segment never starts or ends inside one."""
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        if text[start:m.start()].strip():
+            spans.append((start, m.start()))
+        start = m.end()
+    if text[start:].strip():
+        spans.append((start, len(text.rstrip())))
+    return spans
+
+
+def pick_segments(text: str, segment_tokens: int, count: int, count_tokens: Callable[[str], int],
+                  rng: random.Random) -> list[tuple[int, int]]:
+    """Up to ``count`` non-overlapping segments of about ``segment_tokens`` tokens, each a run of
+    whole sentences: (start, end) character offsets into ``text``."""
+    spans = sentence_spans(text)
+    sizes = [count_tokens(text[a:b]) for a, b in spans]
+    candidates = []
+    for i in range(len(spans)):
+        total, j = 0, i
+        while j < len(spans) and total < segment_tokens:
+            total += sizes[j]
+            j += 1
+        if total >= segment_tokens // 2:
+            candidates.append((i, j))
+    rng.shuffle(candidates)
+    chosen: list[tuple[int, int]] = []
+    for i, j in candidates:
+        if len(chosen) == count:
+            break
+        if all(j <= a or i >= b for a, b in chosen):
+            chosen.append((i, j))
+    return sorted((spans[i][0], spans[j - 1][1]) for i, j in chosen)
+
+
+# ---- question filters --------------------------------------------------------------------------
+
+def parse_questions(generated: str) -> list[str]:
+    """One candidate per line, list markers ("1.", "-", "Q:") stripped."""
+    out = []
+    for line in generated.splitlines():
+        line = re.sub(r"^\s*(?:\d+[.)]|[-*•]|Q\d*[:.)]|Question\s*\d*[:.)])\s*", "", line).strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def content_words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text)} - _STOPWORDS
+
+
+def filter_questions(candidates: Sequence[str], segment: str, seen: set[str], max_tokens: int,
+                     count_tokens: Callable[[str], int], dropped: Counter) -> list[str]:
+    """Keep questions that are non-empty, end with '?', are not over-long, are new (case and spacing
+    folded), and share a content word with the segment; count why the rest were dropped."""
+    words = content_words(segment)
+    kept = []
+    for q in candidates:
+        key = " ".join(q.lower().split())
+        if not q.strip("?").strip():
+            dropped["empty"] += 1
+        elif not q.endswith("?"):
+            dropped["not a question"] += 1
+        elif count_tokens(q) > max_tokens:
+            dropped["too long"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        elif not content_words(q) & words:
+            dropped["nothing from the segment"] += 1
+        else:
+            seen.add(key)
+            kept.append(q)
+    return kept
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PrepareConfig:
+    docs: Optional[str] = _opt(None, "JSONL with a 'text' field per document, or a folder of .txt/.md files")
+    pydoc: Optional[str] = _opt(None, "instead of --docs: comma-separated stdlib modules, rendered by pydoc")
+    out: str = _opt("triplets.jsonl", "output JSONL, the format of `opsdl train --data`")
+    model: str = _opt("smollm2-135m", "the model that writes the questions (the one you will train)")
+    context_tokens: int = _opt(4096, "target long-context length: documents whole, or several joined up to it")
+    segment_tokens: int = _opt(256, "short-segment length in tokens (within the model's well-trained window)")
+    segments_per_doc: int = _opt(2, "segments per long context")
+    questions_per_segment: int = _opt(1, "triplets kept per segment, drawn from its question pool")
+    pool_size: int = _opt(5, "questions asked of the model per segment")
+    max_question_tokens: int = _opt(48, "longer questions are dropped")
+    max_new_tokens: int = _opt(160, "generation limit for a segment's question pool")
+    temperature: float = _opt(0.7, "sampling temperature for the question pool (0: greedy)")
+    batch_size: int = _opt(4, "segments per generate call")
+    template: Optional[str] = _opt(None, "file with a prompt template using {n} and {segment}")
+    seed: int = _opt(0, "seed of segment choice, sampling and question choice")
+    device: str = _opt("auto", "cpu, cuda, or auto")
+    overwrite: bool = _opt(False, "start over when --out exists without a progress file")
+
+
+def _progress_path(out: Path) -> Path:
+    return out.with_name(out.name + ".progress.json")
+
+
+def _load_progress(out: Path, overwrite: bool) -> tuple[set[str], PrepareStats]:
+    """Resume: cut --out back to the last finished document group and skip the groups done."""
+    progress = _progress_path(out)
+    if progress.exists():
+        state = json.loads(progress.read_text())
+        if not out.exists() or out.stat().st_size < state["bytes"]:
+            raise DataError(f"{out}: shorter than its progress file records; remove {progress} to start over")
+        os.truncate(out, state["bytes"])  # drops a document group whose writing was cut short
+        stats = PrepareStats(**{k: v for k, v in state["stats"].items() if k != "dropped"})
+        stats.dropped.update(state["stats"]["dropped"])
+        return set(state["done"]), stats
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: exists and has no progress file; pass --overwrite to start over")
+    out.write_text("")
+    return set(), PrepareStats()
+
+
+def _save_progress(out: Path, done: set[str], stats: PrepareStats) -> None:
+    progress = _progress_path(out)
+    tmp = progress.with_name(progress.name + ".tmp")
+    tmp.write_text(json.dumps({"done": sorted(done), "bytes": out.stat().st_size, "stats": stats.as_dict()}))
+    os.replace(tmp, progress)
+
+
+def prepare(cfg: PrepareConfig) -> PrepareStats:
+    import torch
+
+    from .model import load_model
+    from .rollout import chat_ids, sample
+
+    if bool(cfg.docs) == bool(cfg.pydoc):
+        raise DataError("give exactly one of --docs PATH and --pydoc MODULES")
+    docs = read_documents(Path(cfg.docs)) if cfg.docs else pydoc_documents(
+        [m.strip() for m in cfg.pydoc.split(",") if m.strip()])
+    template = Path(cfg.template).read_text() if cfg.template else DEFAULT_TEMPLATE
+    if "{segment}" not in template:
+        raise DataError(f"--template: expected a {{segment}} placeholder in {cfg.template}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    model, tokenizer = load_model(cfg.model, device=device, seed=cfg.seed)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    out = Path(cfg.out)
+    done, stats = _load_progress(out, cfg.overwrite)
+    groups = list(long_contexts(docs, cfg.context_tokens, count_tokens))
+    for sources, text in tqdm(groups, desc="opsdl prepare"):
+        key = "+".join(sources)
+        if key in done:
+            continue
+        rng = random.Random(f"{cfg.seed}:{key}")
+        segments = pick_segments(text, cfg.segment_tokens, cfg.segments_per_doc, count_tokens, rng)
+        torch.manual_seed(rng.randrange(2**31))
+        pools = []
+        for i in range(0, len(segments), cfg.batch_size):
+            batch = segments[i:i + cfg.batch_size]
+            prompts = [chat_ids(tokenizer, template.format(n=cfg.pool_size, segment=text[a:b])) for a, b in batch]
+            rollouts = sample(model, tokenizer, prompts, temperature=cfg.temperature,
+                              max_new_tokens=cfg.max_new_tokens)
+            pools += [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
+        lines, seen = [], set()
+        for (a, b), generated in zip(segments, pools):
+            candidates = parse_questions(generated)
+            stats.generated += len(candidates)
+            kept = filter_questions(candidates, text[a:b], seen, cfg.max_question_tokens, count_tokens, stats.dropped)
+            chosen = rng.sample(kept, min(cfg.questions_per_segment, len(kept)))
+            if len(kept) > len(chosen):
+                stats.dropped["beyond --questions-per-segment"] += len(kept) - len(chosen)
+            for k, question in enumerate(chosen):
+                lines.append(json.dumps({
+                    "id": f"{key}@{a}-{b}#{k}", "long_context": text, "short_context": text[a:b],
+                    "question": question, "source": {"documents": sources, "start": a, "end": b},
+                }, ensure_ascii=False))
+            stats.kept += len(chosen)
+        stats.documents += len(sources)
+        stats.segments += len(segments)
+        with out.open("a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        done.add(key)
+        _save_progress(out, done, stats)
+    print(f"opsdl prepare: {stats.kept} questions kept from {stats.generated} generated over {stats.segments} "
+          f"segments of {stats.documents} documents; dropped: {dict(stats.dropped) or 'none'} -> {out}")
+    return stats
