@@ -6,6 +6,7 @@ nothing, so Triton providers are not timed there).
 import json
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
@@ -33,11 +34,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["triton"] = triton.__version__
     machine_info["python"] = platform.python_version()
     try:
-        import liger_kernel  # noqa: F401
-        from importlib.metadata import version
-
         machine_info["liger_kernel"] = version("liger-kernel")
-    except ImportError:
+    except PackageNotFoundError:
         machine_info["liger_kernel"] = None
     if DEVICE == "cuda":
         props = torch.cuda.get_device_properties(0)

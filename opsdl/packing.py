@@ -33,10 +33,6 @@ class Packed:
     cu_seqlens: Tensor  # (S + 1,) int32 segment boundaries
     max_length: int
 
-    @property
-    def starts(self) -> list[int]:
-        return self.cu_seqlens[:-1].tolist()
-
     def attention_kwargs(self) -> dict:
         """The forward kwargs transformers hands on to the attention function."""
         return {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from .data import DataError
+from .options import option
 
 DEFAULT_TEMPLATE = (
     "Read the passage below and write {n} different questions that can be answered using only this "
@@ -197,29 +198,26 @@ def filter_questions(candidates: Sequence[str], segment: str, seen: set[str], ma
 
 # ---- the driver ----------------------------------------------------------------------------------
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class PrepareConfig:
-    docs: Optional[str] = _opt(None, "JSONL with a 'text' field per document, or a folder of .txt/.md files")
-    pydoc: Optional[str] = _opt(None, "instead of --docs: comma-separated stdlib modules, rendered by pydoc")
-    out: str = _opt("triplets.jsonl", "output JSONL, the format of `opsdl train --data`")
-    model: str = _opt("smollm2-135m", "the model that writes the questions (the one you will train)")
-    context_tokens: int = _opt(4096, "target long-context length: documents whole, or several joined up to it")
-    segment_tokens: int = _opt(256, "short-segment length in tokens (within the model's well-trained window)")
-    segments_per_doc: int = _opt(2, "segments per long context")
-    questions_per_segment: int = _opt(1, "triplets kept per segment, drawn from its question pool")
-    pool_size: int = _opt(5, "questions asked of the model per segment")
-    max_question_tokens: int = _opt(48, "longer questions are dropped")
-    max_new_tokens: int = _opt(160, "generation limit for a segment's question pool")
-    temperature: float = _opt(0.7, "sampling temperature for the question pool (0: greedy)")
-    batch_size: int = _opt(4, "segments per generate call")
-    template: Optional[str] = _opt(None, "file with a prompt template using {n} and {segment}")
-    seed: int = _opt(0, "seed of segment choice, sampling and question choice")
-    device: str = _opt("auto", "cpu, cuda, or auto")
-    overwrite: bool = _opt(False, "start over when --out exists without a progress file")
+    docs: Optional[str] = option(None, "JSONL with a 'text' field per document, or a folder of .txt/.md files")
+    pydoc: Optional[str] = option(None, "instead of --docs: comma-separated stdlib modules, rendered by pydoc")
+    out: str = option("triplets.jsonl", "output JSONL, the format of `opsdl train --data`")
+    model: str = option("smollm2-135m", "the model that writes the questions (the one you will train)")
+    context_tokens: int = option(4096, "target long-context length: documents whole, or several joined up to it")
+    segment_tokens: int = option(256, "short-segment length in tokens (within the model's well-trained window)")
+    segments_per_doc: int = option(2, "segments per long context")
+    questions_per_segment: int = option(1, "triplets kept per segment, drawn from its question pool")
+    pool_size: int = option(5, "questions asked of the model per segment")
+    max_question_tokens: int = option(48, "longer questions are dropped")
+    max_new_tokens: int = option(160, "generation limit for a segment's question pool")
+    temperature: float = option(0.7, "sampling temperature for the question pool (0: greedy)")
+    batch_size: int = option(4, "segments per generate call")
+    template: Optional[str] = option(None, "file with a prompt template using {n} and {segment}")
+    seed: int = option(0, "seed of segment choice, sampling and question choice")
+    device: str = option("auto", "cpu, cuda, or auto")
+    overwrite: bool = option(False, "start over when --out exists without a progress file")
 
 
 def _progress_path(out: Path) -> Path:

@@ -19,7 +19,7 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,49 +31,47 @@ from opsdl_kernels import fused_rkl_loss
 
 from .data import Example, answer_found, load_examples, make_examples
 from .model import LMHead, lm_head, load_model, packed_hidden_states
+from .options import option
 from .packing import pack
 from .rollout import prompt_ids, sample
 
 
-def _opt(default, help: str, choices: Optional[tuple] = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
 
 @dataclass
 class TrainConfig:
-    model: str = _opt("smollm2-135m", "local path, hub id, 'smollm2-135m' (embedded) or 'tiny:<family>' (random)")
-    data: Optional[str] = _opt(None, "JSONL of {id, long_context, short_context, question[, answer]}; "
+    model: str = option("smollm2-135m", "local path, hub id, 'smollm2-135m' (embedded) or 'tiny:<family>' (random)")
+    data: Optional[str] = option(None, "JSONL of {id, long_context, short_context, question[, answer]}; "
                                      "default: synthetic --task examples")
-    task: str = _opt("multikey", "synthetic task when --data is not given", ("multikey", "multivalue", "vartrack"))
-    context_tokens: int = _opt(1024, "length of the synthetic long contexts, in tokens")
-    num_examples: int = _opt(64, "number of synthetic examples")
-    allow_noncontiguous: bool = _opt(False, "accept a short_context that is not a segment of long_context")
-    teacher: str = _opt("frozen", "live: current weights (the paper); frozen: initial weights; ema: moving average",
+    task: str = option("multikey", "synthetic task when --data is not given", ("multikey", "multivalue", "vartrack"))
+    context_tokens: int = option(1024, "length of the synthetic long contexts, in tokens")
+    num_examples: int = option(64, "number of synthetic examples")
+    allow_noncontiguous: bool = option(False, "accept a short_context that is not a segment of long_context")
+    teacher: str = option("frozen", "live: current weights (the paper); frozen: initial weights; ema: moving average",
                         ("live", "frozen", "ema"))
-    ema_decay: float = _opt(0.99, "decay of the EMA teacher")
-    estimator: str = _opt("full", "full: exact reverse KL; sampled: the paper's single-sample estimator",
+    ema_decay: float = option(0.99, "decay of the EMA teacher")
+    estimator: str = option("full", "full: exact reverse KL; sampled: the paper's single-sample estimator",
                           ("full", "sampled"))
-    steps: int = _opt(5, "optimizer steps")
-    batch_size: int = _opt(2, "prompts per micro-batch")
-    samples_per_prompt: int = _opt(1, "rollouts per prompt")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(1e-5, "AdamW learning rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
-    temperature: float = _opt(0.7, "rollout sampling temperature (0: greedy)")
-    top_p: float = _opt(1.0, "rollout nucleus sampling")
-    max_new_tokens: int = _opt(24, "rollout length limit")
-    max_length: int = _opt(8192, "longest student sequence (prompt + answer) allowed")
-    truncate: str = _opt("error", "an example longer than --max-length: error, or drop it (counted)",
+    steps: int = option(5, "optimizer steps")
+    batch_size: int = option(2, "prompts per micro-batch")
+    samples_per_prompt: int = option(1, "rollouts per prompt")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-5, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
+    temperature: float = option(0.7, "rollout sampling temperature (0: greedy)")
+    top_p: float = option(1.0, "rollout nucleus sampling")
+    max_new_tokens: int = option(24, "rollout length limit")
+    max_length: int = option(8192, "longest student sequence (prompt + answer) allowed")
+    truncate: str = option("error", "an example longer than --max-length: error, or drop it (counted)",
                          ("error", "drop"))
-    seed: int = _opt(0, "seed of data order, sampling and tiny-model weights")
-    device: str = _opt("auto", "cpu, cuda, or auto")
-    bf16: bool = _opt(False, "bf16 autocast (CUDA)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward")
-    impl: str = _opt("auto", "fused loss implementation", ("auto", "triton", "torch"))
-    out: str = _opt("runs/opsdl", "output folder: log.jsonl, checkpoints")
-    save_every: int = _opt(0, "checkpoint every K steps (0: at the end only)")
-    resume: bool = _opt(False, "continue from the latest checkpoint in --out")
+    seed: int = option(0, "seed of data order, sampling and tiny-model weights")
+    device: str = option("auto", "cpu, cuda, or auto")
+    bf16: bool = option(False, "bf16 autocast (CUDA)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward")
+    impl: str = option("auto", "fused loss implementation", ("auto", "triton", "torch"))
+    out: str = option("runs/opsdl", "output folder: log.jsonl, checkpoints")
+    save_every: int = option(0, "checkpoint every K steps (0: at the end only)")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
 
 
 @dataclass

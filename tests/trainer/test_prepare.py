@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from opsdl import prepare as prep
 from opsdl.data import DataError, load_examples
 from opsdl.prepare import (PrepareConfig, filter_questions, parse_questions, pick_segments, prepare,
                            pydoc_documents, read_documents, sentence_spans)
