@@ -1,4 +1,4 @@
-"""`opsdl train | prepare`: argument parsing only."""
+"""`opsdl train | prepare | eval`: argument parsing only."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
+from .eval import EvalConfig
 from .prepare import PrepareConfig
 from .train import TrainConfig
 
@@ -19,7 +20,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_type) -> None:
         kind = hints[f.name]
         help_text = f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
@@ -36,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="(long context, short context, question) triplets from your documents",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_arguments(prepare, PrepareConfig)
+    evaluate = commands.add_parser("eval", help="accuracy by context length on the synthetic tasks",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_arguments(evaluate, EvalConfig)
     return parser
 
 
-COMMANDS = {"train": TrainConfig, "prepare": PrepareConfig}
+COMMANDS = {"train": TrainConfig, "prepare": PrepareConfig, "eval": EvalConfig}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -48,8 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
     if args.command == "train":
         from .train import train as run
-    else:
+    elif args.command == "prepare":
         from .prepare import prepare as run
+    else:
+        from .eval import evaluate as run
     try:
         run(config)
     except (ValueError, FileNotFoundError) as e:

@@ -179,10 +179,11 @@ def _document(rng: random.Random, count_tokens: Callable[[str], int], target_tok
 
 
 def make_examples(task: str, count: int, context_tokens: int, count_tokens: Callable[[str], int],
-                  seed: int, num_keys: int = 4) -> list[Example]:
+                  seed: int, num_keys: int = 4, split: str = "train") -> list[Example]:
     """Synthetic examples: ``multikey`` (one value per key, ask one key among ``num_keys``),
     ``multivalue`` (one key with three values, distractor keys elsewhere), ``vartrack`` (a chain of
-    variable assignments, a distractor chain elsewhere). Same seed, same examples on any machine."""
+    variable assignments, a distractor chain elsewhere). Same seed, same examples on any machine;
+    each ``split`` ("train", "eval") draws from its own seed space, so they never share an example."""
     makers = {"multikey": _multikey, "multivalue": _multivalue, "vartrack": _vartrack}
     if task not in makers:
         raise ValueError(f"task: expected one of {sorted(makers)}, got {task!r}")
@@ -190,9 +191,9 @@ def make_examples(task: str, count: int, context_tokens: int, count_tokens: Call
         raise ValueError(f"context_tokens: expected at least 64, got {context_tokens}")
     examples = []
     for i in range(count):
-        rng = random.Random(f"{task}:{seed}:{i}")
+        rng = random.Random(f"{split}:{task}:{seed}:{i}")
         long_ctx, short_ctx, question, answer = makers[task](rng, count_tokens, context_tokens, num_keys)
-        examples.append(Example(f"{task}-{seed}-{i}", long_ctx, short_ctx, question, answer))
+        examples.append(Example(f"{split}-{task}-{seed}-{i}", long_ctx, short_ctx, question, answer))
     return examples
 
 

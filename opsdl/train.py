@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from opsdl_kernels import fused_rkl_loss
+from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
 
 from .data import Example, answer_found, load_examples, make_examples
 from .model import LMHead, lm_head, load_model, packed_hidden_states
@@ -46,6 +46,8 @@ class TrainConfig:
     context_tokens: int = option(1024, "length of the synthetic long contexts, in tokens")
     num_examples: int = option(64, "number of synthetic examples")
     allow_noncontiguous: bool = option(False, "accept a short_context that is not a segment of long_context")
+    objective: str = option("opsdl", "opsdl: self-distillation; sft: cross-entropy on the gold answers under "
+                                      "the long context (the baseline; needs answers)", ("opsdl", "sft"))
     teacher: str = option("frozen", "live: current weights (the paper); frozen: initial weights; ema: moving average",
                         ("live", "frozen", "ema"))
     ema_decay: float = option(0.99, "decay of the EMA teacher")
@@ -100,6 +102,11 @@ def prepare_prompts(cfg: TrainConfig, examples: list[Example], tokenizer) -> tup
     if not kept:
         raise ValueError(f"no example fits --max-length {cfg.max_length} ({dropped} dropped)")
     return kept, dropped
+
+
+def gold_answer_ids(tokenizer, example: Example) -> list[int]:
+    """The SFT target: the expected answer(s), comma-separated, then EOS."""
+    return tokenizer(", ".join(example.answers()), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
 def response_rows(prompt_lengths: list[int], response_lengths: list[int], starts: list[int]) -> torch.Tensor:
@@ -181,8 +188,10 @@ def train(cfg: TrainConfig) -> dict:
     head = lm_head(model)
 
     # ---- teacher: the same weights (live), the initial weights (frozen), or their EMA ---------
-    teacher, ema_teacher = model, None
-    if cfg.teacher == "frozen":
+    teacher, ema_teacher = model, None  # (the sft baseline has no teacher)
+    if cfg.objective == "sft":
+        pass
+    elif cfg.teacher == "frozen":
         teacher = load_model(cfg.model, device=device, seed=cfg.seed)[0] if resume_from else copy.deepcopy(model)
     elif cfg.teacher == "ema":
         teacher = ema_teacher = (AutoModelForCausalLM.from_pretrained(resume_from / "ema").to(device)
@@ -199,6 +208,8 @@ def train(cfg: TrainConfig) -> dict:
 
         examples = make_examples(cfg.task, cfg.num_examples, cfg.context_tokens, count_tokens, cfg.seed)
     items, dropped = prepare_prompts(cfg, examples, tokenizer)
+    if cfg.objective == "sft" and not all(item.example.answers() for item in items):
+        raise ValueError("--objective sft: every example needs an 'answer' (the gold target)")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state:
@@ -206,8 +217,8 @@ def train(cfg: TrainConfig) -> dict:
     compute_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else head.weight.dtype
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     log_path = out / "log.jsonl"
-    print(f"opsdl train: {len(items)} examples ({dropped} dropped as too long), teacher={cfg.teacher}, "
-          f"estimator={cfg.estimator}, steps {start_step}->{cfg.steps}, device={device}, out={out}")
+    print(f"opsdl train: {len(items)} examples ({dropped} dropped as too long), objective={cfg.objective}, "
+          f"teacher={cfg.teacher}, estimator={cfg.estimator}, steps {start_step}->{cfg.steps}, device={device}, out={out}")
 
     history = []
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="opsdl train")
@@ -220,30 +231,46 @@ def train(cfg: TrainConfig) -> dict:
         for _ in range(cfg.grad_accum):
             batch = [items[picker.randrange(len(items))] for _ in range(cfg.batch_size)]
 
-            # 1. on-policy rollouts under the long context
-            rollouts = sample(model, tokenizer, [b.student for b in batch], temperature=cfg.temperature,
-                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                              samples_per_prompt=cfg.samples_per_prompt)
-            responses = [r.tokens for r in rollouts]
-            owners = [batch[r.prompt_index] for r in rollouts]
-            targets = torch.tensor([t for r in responses for t in r], device=device)
+            if cfg.objective == "sft":
+                # baseline: cross-entropy on the gold answers under the long context, no teacher
+                owners = batch
+                responses = [gold_answer_ids(tokenizer, o.example) for o in owners]
+                targets = torch.tensor([t for r in responses for t in r], device=device)
+                with autocast:
+                    student_rows = packed_rows(model, [o.student for o in owners], responses, device)
+                per_token = -fused_token_logprobs(student_rows.to(compute_dtype), head.weight.to(compute_dtype),
+                                                  targets, softcap=head.softcap, impl=cfg.impl,
+                                                  bias=None if head.bias is None else head.bias.to(compute_dtype))
+                log_ratio = torch.zeros_like(per_token)
+                (per_token.mean() / cfg.grad_accum).backward()
+                stats["tokens"] += sum(len(o.student) + len(r) for o, r in zip(owners, responses))
+            else:
+                # 1. on-policy rollouts under the long context
+                rollouts = sample(model, tokenizer, [b.student for b in batch], temperature=cfg.temperature,
+                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                  samples_per_prompt=cfg.samples_per_prompt)
+                responses = [r.tokens for r in rollouts]
+                owners = [batch[r.prompt_index] for r in rollouts]
+                targets = torch.tensor([t for r in responses for t in r], device=device)
 
-            # 2. teacher: [short-context prompt ; y], no gradient
-            with torch.no_grad(), autocast:
-                teacher_rows = packed_rows(teacher, [o.teacher for o in owners], responses, device)
+                # 2. teacher: [short-context prompt ; y], no gradient
+                with torch.no_grad(), autocast:
+                    teacher_rows = packed_rows(teacher, [o.teacher for o in owners], responses, device)
 
-            # 3. student: [long-context prompt ; y], with gradient
-            with autocast:
-                student_rows = packed_rows(model, [o.student for o in owners], responses, device)
+                # 3. student: [long-context prompt ; y], with gradient
+                with autocast:
+                    student_rows = packed_rows(model, [o.student for o in owners], responses, device)
 
-            # 4. per-token reverse KL at the response rows; mean over this micro-batch's tokens
-            per_token, log_ratio = distillation_loss(cfg, head, student_rows, teacher_rows, targets, compute_dtype)
-            (per_token.mean() / cfg.grad_accum).backward()
+                # 4. per-token reverse KL at the response rows; mean over this micro-batch's tokens
+                per_token, log_ratio = distillation_loss(cfg, head, student_rows, teacher_rows, targets,
+                                                         compute_dtype)
+                (per_token.mean() / cfg.grad_accum).backward()
+                stats["tokens"] += sum(len(o.student) + len(o.teacher) + 2 * len(r)
+                                       for o, r in zip(owners, responses))
 
             stats["rows"] += per_token.numel()
             stats["loss_sum"] += float(per_token.detach().sum())
             stats["log_ratio_sum"] += float(log_ratio.sum())
-            stats["tokens"] += sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
             stats["resp_len"] += [len(r) for r in responses]
             stats["found"] += [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
                                for o, r in zip(owners, responses)]

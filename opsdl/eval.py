@@ -1,0 +1,140 @@
+"""Accuracy by context length on the synthetic long-context tasks, and a short-context check.
+
+For each model, task and length: fresh evaluation examples (their own seed space, disjoint from any
+training seed), greedy answers under the long context, scored by exact match of every expected
+value in the output; the short-context check asks the same questions with only the evidence.
+Writes ``results.json``, ``results.md`` (task x length per model) and ``accuracy.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import torch
+from tqdm import tqdm
+
+from .data import answer_found, make_examples
+from .model import load_model
+from .options import option
+from .rollout import prompt_ids, sample
+
+
+@dataclass
+class EvalConfig:
+    model: str = option("smollm2-135m", "comma-separated models or checkpoints to compare")
+    tasks: str = option("multikey,multivalue,vartrack", "comma-separated synthetic tasks")
+    lengths: str = option("1024,2048,4096", "comma-separated long-context lengths in tokens")
+    samples: int = option(40, "examples per (task, length)")
+    seed: int = option(0, "evaluation seed (its own seed space: never a training example)")
+    batch_size: int = option(4, "prompts per generate call")
+    max_new_tokens: int = option(32, "answer length limit")
+    short_context_check: bool = option(True, "also ask each question with only the evidence as context")
+    out: str = option("runs/eval", "output folder")
+    device: str = option("auto", "cpu, cuda, or auto")
+
+
+def _csv(text: str, name: str, kind=str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"--{name}: expected a comma-separated list, got {text!r}")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise ValueError(f"--{name}: expected {kind.__name__} values, got {text!r}") from None
+
+
+def accuracy(model, tokenizer, contexts: list[str], questions: list[str], answers: list[list[str]],
+             batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
+    """Greedy answers in batches; the share whose text holds every expected answer."""
+    outputs = []
+    for i in range(0, len(questions), batch_size):
+        prompts = [prompt_ids(tokenizer, c, q) for c, q in zip(contexts[i:i + batch_size], questions[i:i + batch_size])]
+        rollouts = sample(model, tokenizer, prompts, temperature=0.0, max_new_tokens=max_new_tokens)
+        outputs += [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
+    hits = [answer_found(text, expected) for text, expected in zip(outputs, answers)]
+    return sum(bool(h) for h in hits) / len(hits), outputs
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    models, tasks = _csv(cfg.model, "model"), _csv(cfg.tasks, "tasks")
+    lengths = _csv(cfg.lengths, "lengths", int)
+    if cfg.samples < 1:
+        raise ValueError(f"--samples: expected at least 1, got {cfg.samples}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in models:
+        model, tokenizer = load_model(name, device=device)
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+        cells = [(t, n) for t in tasks for n in lengths]
+        for task, length in tqdm(cells, desc=f"opsdl eval {name}"):
+            examples = make_examples(task, cfg.samples, length, count_tokens, cfg.seed, split="eval")
+            answers = [e.answers() for e in examples]
+            questions = [e.question for e in examples]
+            row = {"model": name, "task": task, "length": length, "samples": len(examples)}
+            row["accuracy"], outputs = accuracy(model, tokenizer, [e.long_context for e in examples], questions,
+                                                answers, cfg.batch_size, cfg.max_new_tokens)
+            if cfg.short_context_check:
+                row["short_accuracy"], _ = accuracy(model, tokenizer, [e.short_context for e in examples],
+                                                    questions, answers, cfg.batch_size, cfg.max_new_tokens)
+            row["examples"] = [{"id": e.id, "answer": a, "output": o} for e, a, o in zip(examples[:3], answers, outputs)]
+            rows.append(row)
+        del model
+    result = {"config": asdict(cfg), "rows": rows}
+    _write_atomic(out / "results.json", json.dumps(result, indent=1))
+    _write_atomic(out / "results.md", markdown(rows))
+    plot(rows, out / "accuracy.png")
+    print(markdown(rows))
+    return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def markdown(rows: list[dict]) -> str:
+    lengths = sorted({r["length"] for r in rows})
+    lines = ["| model | task | " + " | ".join(f"{n} tokens" for n in lengths) + " | evidence only |",
+             "|---|---|" + "---|" * (len(lengths) + 1)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for task in dict.fromkeys(r["task"] for r in rows):
+            cells = {r["length"]: r for r in rows if r["model"] == model and r["task"] == task}
+            short = [c["short_accuracy"] for c in cells.values() if "short_accuracy" in c]
+            by_length = " | ".join(f"{cells[n]['accuracy']:.2f}" if n in cells else "-" for n in lengths)
+            evidence = f"{sum(short) / len(short):.2f}" if short else "-"
+            lines.append(f"| {model} | {task} | {by_length} | {evidence} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            points = sorted((r["length"], r["accuracy"]) for r in rows if r["model"] == model and r["task"] == task)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(task)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)

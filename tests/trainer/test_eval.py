@@ -1,0 +1,49 @@
+"""opsdl eval: deterministic samples, scoring, outputs; the SFT baseline objective."""
+from __future__ import annotations
+
+import json
+
+from opsdl.cli import main
+from opsdl.data import answer_found, make_examples
+from opsdl.eval import EvalConfig, evaluate, markdown
+from opsdl.train import TrainConfig, train
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def test_eval_samples_are_deterministic_and_disjoint_from_training():
+    a = make_examples("multikey", 4, 200, _words, seed=0, split="eval")
+    assert a == make_examples("multikey", 4, 200, _words, seed=0, split="eval")
+    train_ids = {e.long_context for e in make_examples("multikey", 50, 200, _words, seed=0)}
+    assert not train_ids & {e.long_context for e in a}
+
+
+def test_scoring_on_hand_written_outputs():
+    assert answer_found("The special magic number is 8150097.", ["8150097"])
+    assert not answer_found("The number is 815009.", ["8150097"])
+    assert answer_found("TLISF, RWWIU, PFOGQ and BSDWD", ["TLISF", "RWWIU", "PFOGQ", "BSDWD"])
+    assert not answer_found("TLISF, RWWIU", ["TLISF", "RWWIU", "PFOGQ"])
+    table = markdown([{"model": "m", "task": "multikey", "length": 1024, "accuracy": 0.5, "short_accuracy": 1.0},
+                      {"model": "m", "task": "multikey", "length": 2048, "accuracy": 0.25, "short_accuracy": 0.5}])
+    assert "| m | multikey | 0.50 | 0.25 | 0.75 |" in table
+
+
+def test_tiny_model_end_to_end_and_cli(tmp_path):
+    cfg = EvalConfig(model="tiny:llama", tasks="multikey,vartrack", lengths="64,128", samples=3,
+                     max_new_tokens=4, out=str(tmp_path / "e"), device="cpu")
+    result = evaluate(cfg)
+    assert len(result["rows"]) == 4 and all(0 <= r["accuracy"] <= 1 for r in result["rows"])
+    saved = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert (tmp_path / "e" / "accuracy.png").stat().st_size > 1000
+    assert "| tiny:llama | vartrack |" in (tmp_path / "e" / "results.md").read_text()
+    code = main(["eval", "--model", "tiny:llama", "--lengths", "64,x", "--out", str(tmp_path / "f")])
+    assert code == 2
+
+
+def test_sft_objective_trains_on_gold_answers(tmp_path):
+    summary = train(TrainConfig(model="tiny:llama", objective="sft", context_tokens=64, num_examples=4, steps=2,
+                                batch_size=2, lr=1e-3, device="cpu", out=str(tmp_path)))
+    assert summary["steps_run"] == 2 and summary["first_loss"] > summary["last_loss"] > 0
