@@ -272,8 +272,9 @@ def train(cfg: TrainConfig) -> dict:
             stats["loss_sum"] += float(per_token.detach().sum())
             stats["log_ratio_sum"] += float(log_ratio.sum())
             stats["resp_len"] += [len(r) for r in responses]
-            stats["found"] += [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
-                               for o, r in zip(owners, responses)]
+            if cfg.objective == "opsdl":  # the drift signal: do the model's own answers hold the expected ones?
+                stats["found"] += [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
+                                   for o, r in zip(owners, responses)]
 
         # 5. AdamW step with clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))

@@ -47,3 +47,5 @@ def test_sft_objective_trains_on_gold_answers(tmp_path):
     summary = train(TrainConfig(model="tiny:llama", objective="sft", context_tokens=64, num_examples=4, steps=2,
                                 batch_size=2, lr=1e-3, device="cpu", out=str(tmp_path)))
     assert summary["steps_run"] == 2 and summary["first_loss"] > summary["last_loss"] > 0
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["answer_rate"] is None for r in log)  # gold targets say nothing about drift
