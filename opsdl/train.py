@@ -48,6 +48,7 @@ class TrainConfig:
     allow_noncontiguous: bool = option(False, "accept a short_context that is not a segment of long_context")
     objective: str = option("opsdl", "opsdl: self-distillation; sft: cross-entropy on the gold answers under "
                                       "the long context (the baseline; needs answers)", ("opsdl", "sft"))
+    rope_factor: float = option(1.0, "stretch the RoPE window by this factor (linear scaling) before training")
     teacher: str = option("frozen", "live: current weights (the paper); frozen: initial weights; ema: moving average",
                         ("live", "frozen", "ema"))
     ema_decay: float = option(0.99, "decay of the EMA teacher")
@@ -179,7 +180,9 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         print(f"opsdl train: --resume found no checkpoint in {out}; starting from step 0")
-    model, tokenizer = load_model(str(resume_from) if resume_from else cfg.model, device=device, seed=cfg.seed)
+    # (a checkpoint's config already records its RoPE scaling)
+    model, tokenizer = load_model(str(resume_from) if resume_from else cfg.model, device=device, seed=cfg.seed,
+                                  rope_factor=1.0 if resume_from else cfg.rope_factor)
     state = torch.load(resume_from / "trainer_state.pt", weights_only=False) if resume_from else None
     start_step = state["step"] if state else 0
     if cfg.gradient_checkpointing:
@@ -192,7 +195,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.objective == "sft":
         pass
     elif cfg.teacher == "frozen":
-        teacher = load_model(cfg.model, device=device, seed=cfg.seed)[0] if resume_from else copy.deepcopy(model)
+        teacher = (load_model(cfg.model, device=device, seed=cfg.seed, rope_factor=cfg.rope_factor)[0]
+                   if resume_from else copy.deepcopy(model))
     elif cfg.teacher == "ema":
         teacher = ema_teacher = (AutoModelForCausalLM.from_pretrained(resume_from / "ema").to(device)
                                  if resume_from else copy.deepcopy(model))

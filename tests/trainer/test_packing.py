@@ -78,3 +78,23 @@ def test_pack_layout_and_errors():
         pack([])
     with pytest.raises(ValueError, match="sequences"):
         pack([[1], []])
+
+
+def test_rope_stretch_is_position_interpolation(tmp_path):
+    from opsdl.model import stretch_rope
+
+    plain, stretched = _model("llama"), _model("llama")
+    stretch_rope(stretched, 2.0)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3)).to(plain.device)
+    pos = torch.arange(12, device=plain.device)[None]
+    with torch.no_grad():
+        a = decoder(stretched)(input_ids=ids, position_ids=2 * pos).last_hidden_state
+        b = decoder(plain)(input_ids=ids, position_ids=pos).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5) and stretched.config.max_position_embeddings == 2048
+    stretched.save_pretrained(tmp_path)  # the scaling travels with a checkpoint
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        c = decoder(reloaded.to(plain.device))(input_ids=ids, position_ids=2 * pos).last_hidden_state
+    assert torch.allclose(a, c, atol=1e-5)
+    with pytest.raises(ValueError, match="rope_factor"):
+        stretch_rope(_model("llama"), 0.5)
