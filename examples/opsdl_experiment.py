@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from opsdl.eval import EvalConfig, evaluate
-from opsdl.train import TrainConfig, train
+from opsdl.train import TrainConfig, latest_checkpoint, train
 
 PRESETS = {
     # trainer settings measured stable on this model (../shared/design/trainer.md): frozen teacher,
@@ -51,18 +51,25 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[args.preset]
     started = time.time()
-    runs = {"opsdl-sampled": dict(estimator="sampled"), "opsdl-full": dict(estimator="full"),
+    runs = {"opsdl-full": dict(estimator="full"), "opsdl-sampled": dict(estimator="sampled"),
             "sft": dict(objective="sft")}
     checkpoints, timings = [], {}
     for name, extra in runs.items():
         t0 = time.time()
         cfg = TrainConfig(model=args.model, out=str(args.runs / f"{args.preset}-{name}"), resume=True,
                           **preset["train"], **extra)
-        summary = train(cfg)
-        checkpoints.append(summary["checkpoint"])
+        done = latest_checkpoint(Path(cfg.out))
+        if done is None or done.name != f"checkpoint-{cfg.steps:06d}":  # (re)start or resume training
+            done = Path(train(cfg)["checkpoint"])
+        checkpoints.append(str(done))
         timings[name] = time.time() - t0
     t0 = time.time()
-    evaluate(EvalConfig(model=",".join([args.model, *checkpoints]), out=str(out), **preset["eval"]))
+    # one length at a time over all four models (shortest, longest, then the rest): a partial run
+    # still compares every model; finished cells are kept in results.json and skipped on a rerun
+    lengths = [int(n) for n in preset["eval"]["lengths"].split(",")]
+    for length in [lengths[0], lengths[-1], *lengths[1:-1]]:
+        evaluate(EvalConfig(model=",".join([args.model, *checkpoints]), out=str(out),
+                            **{**preset["eval"], "lengths": str(length)}))
     timings["eval"] = time.time() - t0
     run = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

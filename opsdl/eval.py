@@ -66,14 +66,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = _finished_rows(out / "results.json", cfg)
     for name in models:
+        cells = [(t, n) for t in tasks for n in lengths
+                 if not any((r["model"], r["task"], r["length"]) == (name, t, n) for r in rows)]
+        if not cells:
+            continue
         model, tokenizer = load_model(name, device=device, rope_factor=cfg.rope_factor)
 
         def count_tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False).input_ids)
 
-        cells = [(t, n) for t in tasks for n in lengths]
         for task, length in tqdm(cells, desc=f"opsdl eval {name}"):
             examples = make_examples(task, cfg.samples, length, count_tokens, cfg.seed, split="eval")
             answers = [e.answers() for e in examples]
@@ -86,6 +89,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                                                     questions, answers, cfg.batch_size, cfg.max_new_tokens)
             row["examples"] = [{"id": e.id, "answer": a, "output": o} for e, a, o in zip(examples[:3], answers, outputs)]
             rows.append(row)
+            # every finished cell is saved: a killed evaluation continues where it stopped
+            _write_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
         del model
     result = {"config": asdict(cfg), "rows": rows}
     _write_atomic(out / "results.json", json.dumps(result, indent=1))
@@ -93,6 +98,19 @@ def evaluate(cfg: EvalConfig) -> dict:
     plot(rows, out / "accuracy.png")
     print(markdown(rows))
     return result
+
+
+# settings that change what a cell measures: rows saved under other values are not reused
+_CELL_SETTINGS = ("samples", "seed", "max_new_tokens", "short_context_check", "rope_factor")
+
+
+def _finished_rows(path: Path, cfg: EvalConfig) -> list[dict]:
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    if any(saved["config"].get(k) != getattr(cfg, k) for k in _CELL_SETTINGS):
+        return []
+    return saved["rows"]
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -49,3 +49,24 @@ def test_sft_objective_trains_on_gold_answers(tmp_path):
     assert summary["steps_run"] == 2 and summary["first_loss"] > summary["last_loss"] > 0
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(r["answer_rate"] is None for r in log)  # gold targets say nothing about drift
+
+
+def test_eval_resumes_finished_cells(tmp_path, monkeypatch):
+    import opsdl.eval as ev
+
+    calls = []
+    real = ev.accuracy
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "accuracy", counting)
+    cfg = dict(model="tiny:llama", tasks="multikey", samples=2, max_new_tokens=3, out=str(tmp_path), device="cpu",
+               short_context_check=False)
+    evaluate(EvalConfig(**cfg, lengths="64"))
+    assert len(calls) == 1
+    result = evaluate(EvalConfig(**cfg, lengths="64,96"))  # only the new length is measured
+    assert len(calls) == 2 and sorted(r["length"] for r in result["rows"]) == [64, 96]
+    evaluate(EvalConfig(**{**cfg, "samples": 3}, lengths="64"))  # other settings: nothing reused
+    assert len(calls) == 3
