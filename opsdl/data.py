@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 Answer = Union[str, list[str], None]
 REQUIRED_FIELDS = ("id", "long_context", "short_context", "question")
@@ -59,25 +59,30 @@ def validate(record: object, where: str, allow_noncontiguous: bool = False) -> E
     return Example(str(record["id"]), record["long_context"], record["short_context"], record["question"], answer)
 
 
-def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False) -> list[Example]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    examples, seen = [], set()
+def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    """(``file:line``, parsed object) for each non-blank line; bad JSON names its line."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            example = validate(record, where, allow_noncontiguous)
-            if example.id in seen:
-                raise DataError(f"{where}: field 'id': {example.id!r} appears twice")
-            seen.add(example.id)
-            examples.append(example)
+
+
+def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples, seen = [], set()
+    for where, record in read_jsonl(path):
+        example = validate(record, where, allow_noncontiguous)
+        if example.id in seen:
+            raise DataError(f"{where}: field 'id': {example.id!r} appears twice")
+        seen.add(example.id)
+        examples.append(example)
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples

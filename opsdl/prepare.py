@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
-from .data import DataError
+from .data import DataError, read_jsonl
 from .options import option
 
 DEFAULT_TEMPLATE = (
@@ -71,20 +71,12 @@ def read_documents(path: Path) -> list[Document]:
     if not path.is_file():
         raise DataError(f"{path}: no such file or folder")
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{where}: field 'text': expected an object with a string 'text'")
-            if not record["text"].strip():
-                raise DataError(f"{where}: field 'text': the document is empty")
-            docs.append(Document(str(record.get("id", f"line{lineno}")), record["text"]))
+    for where, record in read_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{where}: field 'text': expected an object with a string 'text'")
+        if not record["text"].strip():
+            raise DataError(f"{where}: field 'text': the document is empty")
+        docs.append(Document(str(record.get("id", "line" + where.rsplit(":", 1)[1])), record["text"]))
     if not docs:
         raise DataError(f"{path}: no documents (the file is empty)")
     return docs
