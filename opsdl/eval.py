@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import torch
@@ -82,11 +83,13 @@ def evaluate(cfg: EvalConfig) -> dict:
             answers = [e.answers() for e in examples]
             questions = [e.question for e in examples]
             row = {"model": name, "task": task, "length": length, "samples": len(examples)}
+            started = time.perf_counter()
             row["accuracy"], outputs = accuracy(model, tokenizer, [e.long_context for e in examples], questions,
                                                 answers, cfg.batch_size, cfg.max_new_tokens)
             if cfg.short_context_check:
                 row["short_accuracy"], _ = accuracy(model, tokenizer, [e.short_context for e in examples],
                                                     questions, answers, cfg.batch_size, cfg.max_new_tokens)
+            row["seconds"] = time.perf_counter() - started
             row["examples"] = [{"id": e.id, "answer": a, "output": o} for e, a, o in zip(examples[:3], answers, outputs)]
             rows.append(row)
             # every finished cell is saved: a killed evaluation continues where it stopped

@@ -34,7 +34,7 @@ def test_tiny_model_end_to_end_and_cli(tmp_path):
     cfg = EvalConfig(model="tiny:llama", tasks="multikey,vartrack", lengths="64,128", samples=3,
                      max_new_tokens=4, out=str(tmp_path / "e"), device="cpu")
     result = evaluate(cfg)
-    assert len(result["rows"]) == 4 and all(0 <= r["accuracy"] <= 1 for r in result["rows"])
+    assert len(result["rows"]) == 4 and all(0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in result["rows"])
     saved = json.loads((tmp_path / "e" / "results.json").read_text())
     assert saved["rows"] == result["rows"]
     assert (tmp_path / "e" / "accuracy.png").stat().st_size > 1000
