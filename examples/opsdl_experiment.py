@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -37,52 +38,65 @@ PRESETS = {
                            rope_factor=4.0, max_length=32768),
                 eval=dict(tasks="multikey,multivalue,vartrack", lengths="2048,4096,8192,16384,32768", samples=100,
                           seed=0, batch_size=16, rope_factor=4.0)),
+    # seconds, for the test of this script (use with --model tiny:llama)
+    "smoke": dict(train=dict(task="multikey", context_tokens=64, num_examples=4, steps=2, batch_size=2,
+                             max_new_tokens=4, seed=0),
+                  eval=dict(tasks="multikey", lengths="64,96", samples=2, seed=0, batch_size=2, max_new_tokens=4)),
 }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=None, help="default: docs/results/<date>-<preset>")
     parser.add_argument("--runs", type=Path, default=Path("runs/experiment"), help="checkpoints (large; not results)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = args.out or Path("docs/results") / f"{time.strftime('%Y-%m-%d')}-{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[args.preset]
     started = time.time()
     runs = {"opsdl-full": dict(estimator="full"), "opsdl-sampled": dict(estimator="sampled"),
             "sft": dict(objective="sft")}
-    checkpoints, timings = [], {}
+    checkpoints, train_seconds = [], {}
     for name, extra in runs.items():
-        t0 = time.time()
         cfg = TrainConfig(model=args.model, out=str(args.runs / f"{args.preset}-{name}"), resume=True,
                           **preset["train"], **extra)
         done = latest_checkpoint(Path(cfg.out))
         if done is None or done.name != f"checkpoint-{cfg.steps:06d}":  # (re)start or resume training
             done = Path(train(cfg)["checkpoint"])
         checkpoints.append(str(done))
-        timings[name] = time.time() - t0
-    t0 = time.time()
+        train_seconds[name] = step_seconds(Path(cfg.out) / "log.jsonl")
     # one length at a time over all four models (shortest, longest, then the rest): a partial run
     # still compares every model; finished cells are kept in results.json and skipped on a rerun
     lengths = [int(n) for n in preset["eval"]["lengths"].split(",")]
     for length in [lengths[0], lengths[-1], *lengths[1:-1]]:
-        evaluate(EvalConfig(model=",".join([args.model, *checkpoints]), out=str(out),
-                            **{**preset["eval"], "lengths": str(length)}))
-    timings["eval"] = time.time() - t0
+        result = evaluate(EvalConfig(model=",".join([args.model, *checkpoints]), out=str(out),
+                                     **{**preset["eval"], "lengths": str(length)}))
+    timed = [row["seconds"] for row in result["rows"] if "seconds" in row]
     run = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", "examples/opsdl_experiment.py", *(sys.argv[1:] if argv is None else argv)]),
         "preset": preset, "models": {"base": args.model, **dict(zip(runs, checkpoints))},
-        "wall_seconds": time.time() - started, "seconds": timings,
+        # a resumed run skips finished work: the wall time counts this invocation only, while the
+        # training time (sum of step times in each log.jsonl) and the evaluation time (per cell)
+        # count the work wherever it was done
+        "wall_seconds_this_invocation": time.time() - started,
+        "train_seconds": train_seconds,
+        "eval_seconds": {"timed_cells": len(timed), "cells": len(result["rows"]), "sum": sum(timed)},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": torch.get_num_threads(), "torch": torch.__version__,
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "train_config": {name: asdict(TrainConfig(**preset["train"], **extra)) for name, extra in runs.items()},
     }
-    (out / "run.json").write_text(json.dumps(run, indent=1))
+    (out / "run.json.tmp").write_text(json.dumps(run, indent=1))
+    os.replace(out / "run.json.tmp", out / "run.json")
     print(f"wrote {out}")
     return 0
+
+
+def step_seconds(log: Path) -> float:
+    """Training time of a run: the sum of its logged step times (resumed runs included)."""
+    return sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip())
 
 
 if __name__ == "__main__":
