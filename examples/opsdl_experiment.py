@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from opsdl.data import read_jsonl, write_atomic
 from opsdl.eval import EvalConfig, evaluate
 from opsdl.train import TrainConfig, latest_checkpoint, train
 
@@ -88,15 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "train_config": {name: asdict(TrainConfig(**preset["train"], **extra)) for name, extra in runs.items()},
     }
-    (out / "run.json.tmp").write_text(json.dumps(run, indent=1))
-    os.replace(out / "run.json.tmp", out / "run.json")
+    write_atomic(out / "run.json", json.dumps(run, indent=1))
     print(f"wrote {out}")
     return 0
 
 
 def step_seconds(log: Path) -> float:
     """Training time of a run: the sum of its logged step times (resumed runs included)."""
-    return sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip())
+    return sum(record["seconds"] for _, _, record in read_jsonl(log))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ evidence; validation checks that it occurs in ``long_context`` unless ``allow_no
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -59,15 +61,15 @@ def validate(record: object, where: str, allow_noncontiguous: bool = False) -> E
     return Example(str(record["id"]), record["long_context"], record["short_context"], record["question"], answer)
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
-    """(``file:line``, parsed object) for each non-blank line; bad JSON names its line."""
+def read_jsonl(path: Path) -> Iterator[tuple[int, str, object]]:
+    """(line number, ``file:line``, parsed object) for each non-blank line; bad JSON names its line."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                yield where, json.loads(line)
+                yield lineno, where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
 
@@ -77,7 +79,7 @@ def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False) -> 
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     examples, seen = [], set()
-    for where, record in read_jsonl(path):
+    for _, where, record in read_jsonl(path):
         example = validate(record, where, allow_noncontiguous)
         if example.id in seen:
             raise DataError(f"{where}: field 'id': {example.id!r} appears twice")
@@ -89,10 +91,15 @@ def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False) -> 
 
 
 def write_examples(examples: Sequence[Example], path: Union[str, Path]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(Path(path), "".join(e.to_json() + "\n" for e in examples))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name in the same folder, then rename: a kill never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

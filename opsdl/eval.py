@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import answer_found, make_examples
+from .data import answer_found, make_examples, write_atomic
 from .model import load_model
 from .options import option
 from .rollout import prompt_ids, sample
@@ -93,11 +92,11 @@ def evaluate(cfg: EvalConfig) -> dict:
             row["examples"] = [{"id": e.id, "answer": a, "output": o} for e, a, o in zip(examples[:3], answers, outputs)]
             rows.append(row)
             # every finished cell is saved: a killed evaluation continues where it stopped
-            _write_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
+            write_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
         del model
     result = {"config": asdict(cfg), "rows": rows}
-    _write_atomic(out / "results.json", json.dumps(result, indent=1))
-    _write_atomic(out / "results.md", markdown(rows))
+    write_atomic(out / "results.json", json.dumps(result, indent=1))
+    write_atomic(out / "results.md", markdown(rows))
     plot(rows, out / "accuracy.png")
     print(markdown(rows))
     return result
@@ -114,13 +113,6 @@ def _finished_rows(path: Path, cfg: EvalConfig) -> list[dict]:
     if any(saved["config"].get(k) != getattr(cfg, k) for k in _CELL_SETTINGS):
         return []
     return saved["rows"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
-from .data import DataError, read_jsonl
+from .data import DataError, read_jsonl, write_atomic
 from .options import option
 
 DEFAULT_TEMPLATE = (
@@ -71,12 +71,12 @@ def read_documents(path: Path) -> list[Document]:
     if not path.is_file():
         raise DataError(f"{path}: no such file or folder")
     docs = []
-    for where, record in read_jsonl(path):
+    for lineno, where, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{where}: field 'text': expected an object with a string 'text'")
         if not record["text"].strip():
             raise DataError(f"{where}: field 'text': the document is empty")
-        docs.append(Document(str(record.get("id", "line" + where.rsplit(":", 1)[1])), record["text"]))
+        docs.append(Document(str(record.get("id", f"line{lineno}")), record["text"]))
     if not docs:
         raise DataError(f"{path}: no documents (the file is empty)")
     return docs
@@ -234,10 +234,8 @@ def _load_progress(out: Path, overwrite: bool) -> tuple[set[str], PrepareStats]:
 
 
 def _save_progress(out: Path, done: set[str], stats: PrepareStats) -> None:
-    progress = _progress_path(out)
-    tmp = progress.with_name(progress.name + ".tmp")
-    tmp.write_text(json.dumps({"done": sorted(done), "bytes": out.stat().st_size, "stats": stats.as_dict()}))
-    os.replace(tmp, progress)
+    write_atomic(_progress_path(out),
+                 json.dumps({"done": sorted(done), "bytes": out.stat().st_size, "stats": stats.as_dict()}))
 
 
 def prepare(cfg: PrepareConfig) -> PrepareStats:
