@@ -10,16 +10,16 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
-from .autograd import KLDivergence, TokenLogprobs
+from .autograd import GradientInForward, NoRows, Recompute
+from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows
+from .paths import Operands
+from .state import LossSpec, log_ratio
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ESTIMATORS = ("full", "sampled")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch")
-
-# Gradient filtering threshold on |d value / d logit| per unit row weight, by gradient dtype: an
-# eighth of the dtype's unit roundoff (bf16 2^-9, fp16 2^-11). fp32 gradients are computed exactly.
-AUTO_FILTER_EPS = {torch.bfloat16: 2.0**-12, torch.float16: 2.0**-14, torch.float32: None}
+MEMORY = ("auto", "fast", "lean")
 
 
 def _triton_runnable(device: torch.device) -> bool:
@@ -46,21 +46,6 @@ def _resolve_impl(impl: str, device: torch.device) -> ModuleType:
             "importable `triton` package. Use impl='torch' or impl='auto'."
         )
     return importlib.import_module(".triton", __package__)
-
-
-def _resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) -> Optional[float]:
-    if filter_eps == "auto":
-        return AUTO_FILTER_EPS[dtype]
-    if filter_eps is None:
-        return None
-    if isinstance(filter_eps, str) or not (float(filter_eps) >= 0.0 and math.isfinite(float(filter_eps))):
-        raise ValueError(f"filter_eps: expected 'auto', None or a finite float >= 0, got {filter_eps!r}")
-    return float(filter_eps) or None
-
-
-def _impl_options(impl: ModuleType, filter_eps: Union[str, float, None], dtype: torch.dtype) -> dict:
-    eps = _resolve_filter_eps(filter_eps, dtype)
-    return {} if impl is torch_impl else {"filter_eps": eps}
 
 
 def _check_hidden(name: str, x: Tensor) -> None:
@@ -138,15 +123,84 @@ def _take(x: Optional[Tensor], rows: Optional[Tensor], width: Optional[int] = No
     return flat if rows is None else flat.index_select(0, rows)
 
 
+def _check_memory(memory: str, memory_budget: Optional[int], reduction: str) -> int:
+    if memory not in MEMORY:
+        raise ValueError(f"memory: expected one of {MEMORY}, got {memory!r}")
+    if memory == "fast" and reduction == "none":
+        raise ValueError("memory: 'fast' forms the gradient in the forward and needs each row's weight then, "
+                         "so reduction 'mean' or 'sum'; got reduction='none' (use memory='auto' or 'lean')")
+    if memory_budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"memory_budget: expected None or a number of bytes > 0, got {memory_budget!r}")
+    return memory_budget
+
+
+def _expand(per_row: Tensor, rows: Optional[Tensor], lead: torch.Size) -> Tensor:
+    """Per counted row -> the leading shape, 0 on rows that do not count."""
+    n_rows = math.prod(lead)
+    full = per_row if rows is None else per_row.new_zeros(n_rows).index_copy(0, rows, per_row)
+    return full.reshape(lead)
+
+
 def _reduce(values: Tensor, rows: Optional[Tensor], lead: torch.Size, reduction: str) -> Tensor:
     if reduction == "none":
-        n_rows = math.prod(lead)
-        full = values if rows is None else values.new_zeros(n_rows).index_copy(0, rows, values)
-        return full.reshape(lead)
+        return _expand(values, rows, lead)
     total = values.sum()
     if reduction == "mean":
         total = total / max(values.shape[0], 1)
     return total
+
+
+def _fast_weights(row_weights: Optional[Tensor], n_rows: int, reduction: str) -> tuple[Optional[Tensor], float]:
+    """(coef, alpha) with ``alpha * coef_i`` the weight of row i in the loss and ``max |coef| = 1``,
+    so the 16-bit gradient tiles never carry a small scale (1/N of a mean) into an underflow."""
+    alpha = 1.0 / n_rows if reduction == "mean" else 1.0
+    if row_weights is None:
+        return None, alpha
+    coef = row_weights.float().contiguous()
+    peak = float(coef.abs().max())
+    if 0.0 < peak < float("inf"):
+        return coef / peak, alpha * peak
+    return coef, alpha
+
+
+def _fused(
+    spec: LossSpec, backend: ModuleType, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
+    teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
+    row_weights: Optional[Tensor], rows: Optional[Tensor], lead: torch.Size, reduction: str, memory: str,
+    budget: int,
+) -> tuple[Tensor, Tensor]:
+    """The loss (reduced, or per row in the leading shape) and the per-row state, by the path that
+    fits: no gradient -> one fused forward; gradient and row weights known now -> the fast path when
+    a chunk fits ``budget``; otherwise the lean (recompute) path. ``h`` etc. hold counted rows only."""
+    n_rows = h.shape[0]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))):
+        with torch.no_grad():
+            ops = Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
+                           teacher_bias, targets)
+            state = backend.forward_state(ops, budget)
+            values = spec.values(state)
+            return _reduce(values if row_weights is None else values * row_weights, rows, lead, reduction), state
+    chunk = 0
+    if memory != "lean" and reduction != "none":
+        chunk = fast_chunk_rows(n_rows, weight.shape[0], g is not None, budget)
+        if memory == "fast" and not chunk:
+            raise ValueError(f"memory_budget: memory='fast' needs a chunk of {min(n_rows, MIN_FAST_ROWS)} rows of "
+                             f"fp32 logits ({min(n_rows, MIN_FAST_ROWS) * weight.shape[0] * 8} bytes), got a budget "
+                             f"of {budget} bytes; raise it or use memory='auto' or 'lean'")
+    if chunk:
+        coef, alpha = _fast_weights(row_weights, n_rows, reduction)
+        return GradientInForward.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, coef, spec,
+                                       backend, alpha, chunk)
+    values, state = Recompute.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, spec, backend, budget)
+    return _reduce(values if row_weights is None else values * row_weights, rows, lead, reduction), state
+
+
+def _no_rows(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: torch.Size, reduction: str) -> Tensor:
+    """Every row masked out: zeros with zero gradients (a mean over no rows is 0), nothing computed."""
+    empty = NoRows.apply(h, weight, bias)
+    return _reduce(empty, torch.zeros(0, dtype=torch.long, device=h.device), lead, reduction)
 
 
 def fused_kl_loss(
@@ -166,8 +220,10 @@ def fused_kl_loss(
     teacher_bias: Optional[Tensor] = None,
     reduction: str = "mean",
     impl: str = "auto",
-    filter_eps: Union[str, float, None] = "auto",
-) -> Tensor:
+    memory: str = "auto",
+    memory_budget: Optional[int] = None,
+    return_log_ratio: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token KL between the student's and the teacher's next-token distributions, fused with
     both lm-head projections; no N x V logits are ever materialised.
 
@@ -183,9 +239,23 @@ def fused_kl_loss(
     ``student_hidden``, ``weight`` and ``bias``, in their own dtypes; the returned loss is fp32.
     ``mask`` selects the rows that count (others get value 0 and no gradient, and are never
     computed); ``token_weights`` scale rows; "mean" divides by the number of counted rows.
-    ``filter_eps`` (Triton path): skip gradient tiles whose every ``|d value / d logit|`` per unit
-    row weight is below it; "auto" picks by gradient dtype (fp32: exact), None or 0 turns it off.
-    The torch path is always exact.
+
+    How the gradient is computed (all paths use fp32 logits from cuBLAS and no atomics):
+
+    - ``memory="fast"``: formed in the forward, rows in chunks of fp32 logits that fit
+      ``memory_budget``; four matrix products per chunk; the backward only scales it. Needs
+      reduction "mean" or "sum", and one backward per call.
+    - ``memory="lean"``: the forward keeps O(1) numbers per row; the backward recomputes the
+      logits in vocabulary slabs within ``memory_budget``; six products (five when sampled).
+    - ``memory="auto"`` (default): fast when a chunk of 256 rows fits the budget and the reduction
+      allows it, else lean. ``reduction="none"`` with a gradient always takes the lean path.
+    - No gradient needed (``torch.no_grad()``, nothing requires grad): one fused pass on the Triton
+      path, the lean forward on the PyTorch path.
+
+    ``memory_budget``: bytes of working memory beyond inputs, outputs and gradients (default 1 GiB:
+    1024 rows at V=128K on the fast path).
+    ``return_log_ratio=True`` also returns the per-row ``log p_s(y) - log p_t(y)`` at ``targets``
+    (leading shape, fp32, no gradient, 0 on rows that do not count), from the same pass.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
@@ -197,6 +267,7 @@ def fused_kl_loss(
     if sampled and reverse_weight != 1.0:
         raise ValueError(f"reverse_weight: estimator='sampled' estimates the reverse KL only and needs "
                          f"reverse_weight=1.0, got {reverse_weight!r}")
+    budget = _check_memory(memory, memory_budget, reduction)
     _check_scalars(temperature, softcap)
     _check_hidden("student_hidden", student_hidden)
     _check_hidden("teacher_hidden", teacher_hidden)
@@ -207,7 +278,8 @@ def fused_kl_loss(
     hidden, teacher_hidden_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
     _check_weight("weight", weight, hidden, student_hidden.dtype, "student_hidden")
     vocab = weight.shape[0]
-    if teacher_weight is not None and teacher_weight is not weight:
+    shared = teacher_weight is None or teacher_weight is weight
+    if not shared:
         _check_weight("teacher_weight", teacher_weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
         if teacher_weight.shape[0] != vocab:
             raise ValueError(f"teacher_weight: expected vocabulary size {vocab} (that of weight), "
@@ -217,8 +289,9 @@ def fused_kl_loss(
                       weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
     _check_bias("bias", bias, vocab)
     _check_bias("teacher_bias", teacher_bias, vocab)
-    if sampled and targets is None:
-        raise ValueError("targets: estimator='sampled' needs the sampled token ids, got None")
+    if targets is None and (sampled or return_log_ratio):
+        need = "estimator='sampled'" if sampled else "return_log_ratio=True"
+        raise ValueError(f"targets: {need} needs the sampled token ids, got None")
     _check_row_tensor("targets", targets, lead, "int")
     _check_row_tensor("mask", mask, lead, "bool")
     _check_row_tensor("token_weights", token_weights, lead, "float")
@@ -226,30 +299,25 @@ def fused_kl_loss(
     _check_devices(device, teacher_hidden=teacher_hidden, weight=weight, teacher_weight=teacher_weight,
                    bias=bias, teacher_bias=teacher_bias, targets=targets, mask=mask, token_weights=token_weights)
     backend = _resolve_impl(impl, device)
-    impl_options = _impl_options(backend, filter_eps, student_hidden.dtype)
 
     rows = _counted_rows(mask, math.prod(lead))
     row_targets = _take(targets, rows)
     if row_targets is not None:
         _check_targets(row_targets, vocab)
-        row_targets = row_targets.long()
-    shared = teacher_weight is None or teacher_weight is weight
-    values = KLDivergence.apply(
-        _take(student_hidden, rows, hidden),
-        weight,
-        bias,
-        _take(teacher_hidden.detach(), rows, teacher_hidden_size),
-        weight if shared else teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
-        row_targets,
-        backend,
-        {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap),
-         "reverse_weight": float(reverse_weight), "sampled": sampled},
-        impl_options,
-    )
-    if token_weights is not None:
-        values = values * _take(token_weights, rows).float()
-    return _reduce(values, rows, lead, reduction)
+        row_targets = row_targets.long().contiguous()
+    h = _take(student_hidden, rows, hidden)
+    if h.shape[0] == 0:
+        loss = _no_rows(h, weight, bias, lead, reduction)
+        return (loss, torch.zeros(lead, device=device)) if return_log_ratio else loss
+    spec = LossSpec("sampled" if sampled else "kl", float(temperature), None if softcap is None else float(softcap),
+                    float(reverse_weight))
+    loss, state = _fused(
+        spec, backend, h, weight, bias, _take(teacher_hidden.detach(), rows, teacher_hidden_size),
+        None if shared else teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+        row_targets, _take(token_weights, rows), rows, lead, reduction, memory, budget)
+    if return_log_ratio:
+        return loss, _expand(log_ratio(state), rows, lead)
+    return loss
 
 
 def fused_rkl_loss(
@@ -268,8 +336,10 @@ def fused_rkl_loss(
     teacher_bias: Optional[Tensor] = None,
     reduction: str = "mean",
     impl: str = "auto",
-    filter_eps: Union[str, float, None] = "auto",
-) -> Tensor:
+    memory: str = "auto",
+    memory_budget: Optional[int] = None,
+    return_log_ratio: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token reverse KL ``KL(p_student || p_teacher)`` fused with the lm-head: OPSDL's loss.
 
     ``fused_kl_loss`` with ``reverse_weight=1.0``; see it for every argument.
@@ -278,7 +348,7 @@ def fused_rkl_loss(
         student_hidden, teacher_hidden, weight, teacher_weight, reverse_weight=1.0, targets=targets,
         estimator=estimator, mask=mask, token_weights=token_weights, temperature=temperature,
         softcap=softcap, bias=bias, teacher_bias=teacher_bias, reduction=reduction, impl=impl,
-        filter_eps=filter_eps,
+        memory=memory, memory_budget=memory_budget, return_log_ratio=return_log_ratio,
     )
 
 
@@ -290,12 +360,21 @@ def fused_token_logprobs(
     bias: Optional[Tensor] = None,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
+    reduction: str = "none",
     impl: str = "auto",
-    filter_eps: Union[str, float, None] = "auto",
+    memory: str = "auto",
+    memory_budget: Optional[int] = None,
 ) -> Tensor:
-    """``log softmax(cap(hidden @ weight.T + bias) / tau)[targets]`` per row, shape ``hidden.shape[:-1]``,
-    fp32, differentiable in ``hidden``, ``weight`` and ``bias``; the logits are never materialised.
-    ``-fused_token_logprobs(...).mean()`` is the cross-entropy loss."""
+    """``log softmax(cap(hidden @ weight.T + bias) / tau)[targets]`` per row, fp32, differentiable in
+    ``hidden``, ``weight`` and ``bias``; the logits are never materialised.
+
+    ``reduction="none"`` (default) returns shape ``hidden.shape[:-1]`` and computes a gradient by the
+    lean (recompute) path; "mean" and "sum" reduce over the rows and take the fast path when it fits
+    (``-fused_token_logprobs(..., reduction="mean")`` is the cross-entropy loss). ``memory`` and
+    ``memory_budget`` as in ``fused_kl_loss``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    budget = _check_memory(memory, memory_budget, reduction)
     _check_scalars(temperature, softcap)
     _check_hidden("hidden", hidden)
     lead, width = hidden.shape[:-1], hidden.shape[-1]
@@ -308,9 +387,10 @@ def fused_token_logprobs(
     backend = _resolve_impl(impl, hidden.device)
     flat_targets = targets.reshape(-1)
     _check_targets(flat_targets, weight.shape[0])
-    logp = TokenLogprobs.apply(
-        hidden.reshape(-1, width), weight, bias, flat_targets.long(), backend,
-        {"temperature": float(temperature), "softcap": None if softcap is None else float(softcap)},
-        _impl_options(backend, filter_eps, hidden.dtype),
-    )
-    return logp.reshape(lead)
+    h = hidden.reshape(-1, width)
+    if h.shape[0] == 0:
+        return _no_rows(h, weight, bias, lead, reduction)
+    spec = LossSpec("logprob", float(temperature), None if softcap is None else float(softcap))
+    loss, _ = _fused(spec, backend, h, weight, bias, None, None, None, flat_targets.long().contiguous(), None,
+                     None, lead, reduction, memory, budget)
+    return loss

@@ -1,8 +1,7 @@
-"""autograd Functions over the implementations; they save only O(N) per-row state beside the inputs.
+"""autograd Functions over the paths of ``paths.py``; each keeps O(N) per-row state beside its inputs.
 
-Each Function returns per-row values (fp32, shape (N,)); the caller reduces them. The gradient that
-arrives for those values is therefore the per-row weight ``w_i`` of the design note (grad_output x
-reduction scale x mask x token weight), which the backward hands to the kernels as is.
+Both return ``(output, state)``: the differentiable output and the finished per-row state of
+``opsdl_kernels.state`` (not differentiable), from which the caller reads values and log-ratios.
 """
 from __future__ import annotations
 
@@ -12,96 +11,101 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from . import paths
+from .plan import lean_plan
+from .state import LossSpec
 
-class KLDivergence(torch.autograd.Function):
-    """values_i = rw KL(p_i||q_i) + (1-rw) KL(q_i||p_i) (full), or log p_i(y) - log q_i(y) (sampled).
+_SECOND_BACKWARD = (
+    "this call of the fused loss formed its gradients in the forward (memory='fast') and handed them to "
+    "the first backward; a second backward through it (retain_graph=True) is not supported: call it with "
+    "memory='lean', which recomputes"
+)
 
-    Gradients reach ``h``, ``weight`` and ``bias`` only: the teacher side is constant. In the
-    sampled mode the gradient is the REINFORCE one, ``sg(value) * grad log p(y)``.
-    """
+
+def _operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets) -> paths.Operands:
+    return paths.Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
+                          teacher_bias, targets)
+
+
+class GradientInForward(torch.autograd.Function):
+    """``loss = alpha * sum_i coef_i value_i`` (the fast path): the gradient is formed during the
+    forward, chunk by chunk, and the backward only scales it by the upstream scalar.
+    ``teacher_weight=None`` means the teacher uses ``weight`` (and never gets a gradient through it)."""
 
     @staticmethod
     def forward(
-        ctx: Any, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Tensor, teacher_weight: Tensor,
-        teacher_bias: Optional[Tensor], targets: Optional[Tensor], impl: ModuleType,
-        options: dict, impl_options: dict,
-    ) -> Tensor:
-        ctx.empty = h.shape[0] == 0
-        ctx.zero_like = (h, weight, bias) if ctx.empty else None
-        if ctx.empty:  # every row masked: nothing to launch, zero gradients
-            return h.new_zeros(0, dtype=torch.float32)
-        values, lse_s, lse_t, kl_r = impl.kl_forward(h, g, weight, teacher_weight, bias, teacher_bias,
-                                                     targets, **options, **_forward_only(impl_options))
-        ctx.impl, ctx.options, ctx.impl_options = impl, options, impl_options
-        ctx.teacher_is_weight = teacher_weight is weight
-        if options["sampled"]:
-            ctx.save_for_backward(h, weight, bias, targets, lse_s, values)
-        else:
-            ctx.save_for_backward(h, weight, bias, g, None if ctx.teacher_is_weight else teacher_weight,
-                                  teacher_bias, lse_s, lse_t, kl_r)
-        return values
+        ctx: Any, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
+        teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
+        coef: Optional[Tensor], spec: LossSpec, impl: ModuleType, alpha: float, chunk_rows: int,
+    ) -> tuple[Tensor, Tensor]:
+        ops = _operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        state, ctx.grads = paths.fast_forward_backward(impl.logit_rows, ops, coef, alpha, chunk_rows,
+                                                       tuple(ctx.needs_input_grad[:3]))
+        values = spec.values(state)
+        loss = alpha * (values.sum() if coef is None else (values * coef).sum())
+        ctx.mark_non_differentiable(state)
+        return loss, state
 
     @staticmethod
-    def backward(ctx: Any, grad_values: Tensor):
-        if ctx.empty:
-            return (*_zero_grads(ctx), None, None, None, None, None, None, None)
+    def backward(ctx: Any, grad_loss: Tensor, _grad_state: Optional[Tensor]):
+        if ctx.grads is None:
+            raise RuntimeError(_SECOND_BACKWARD)
+        grads, ctx.grads = ctx.grads, None  # let autograd take the buffers without a copy
+        scaled = tuple(None if x is None else x.mul_(grad_loss) for x in grads)
+        return (*scaled, None, None, None, None, None, None, None, None, None)
+
+
+class Recompute(torch.autograd.Function):
+    """Per-row values (the lean path): the forward keeps the per-row state only, the backward
+    recomputes the logits slab by slab with the per-row upstream weights it receives."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
+        teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
+        spec: LossSpec, impl: ModuleType, budget: int,
+    ) -> tuple[Tensor, Tensor]:
+        ops = _operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        ctx.plan = lean_plan(h.shape[0], h.shape[1], weight.shape[0], g is not None, budget)
+        state = paths.lean_forward(impl.logit_rows, ops, ctx.plan)
+        ctx.spec, ctx.impl = spec, impl
+        ctx.save_for_backward(h, weight, bias, g, teacher_weight, teacher_bias, targets, state)
+        ctx.mark_non_differentiable(state)
+        return spec.values(state).clone(), state
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: Optional[Tensor], _grad_state: Optional[Tensor]):
+        h, weight, bias, g, teacher_weight, teacher_bias, targets, state = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        opts = ctx.options
-        extra = _backward_only(ctx.impl_options)
-        if opts["sampled"]:
-            h, weight, bias, targets, lse_s, values = ctx.saved_tensors
-            dh, dw, db = ctx.impl.reinforce_backward(
-                h, weight, bias, targets, lse_s, grad_values.float() * values,
-                temperature=opts["temperature"], softcap=opts["softcap"], needs=needs, **extra)
+        nones = (None,) * 7
+        if grad_values is None:
+            return (None, None, None, *nones)
+        coef = grad_values.float().contiguous()
+        # Scale the per-row weights to at most 1 for the 16-bit gradient tiles; cuBLAS applies the
+        # scale in fp32 (a mean over many rows would otherwise underflow fp16).
+        alpha = float(coef.abs().max())
+        if alpha == 0.0:
+            zeros = tuple(None if t is None or not need else torch.zeros_like(t)
+                          for t, need in zip((h, weight, bias), needs))
+            return (*zeros, *nones)
+        if alpha != float("inf") and alpha == alpha:
+            coef = coef / alpha
         else:
-            h, weight, bias, g, teacher_weight, teacher_bias, lse_s, lse_t, kl_r = ctx.saved_tensors
-            dh, dw, db = ctx.impl.kl_backward(
-                h, g, weight, weight if ctx.teacher_is_weight else teacher_weight, bias, teacher_bias,
-                lse_s, lse_t, kl_r, grad_values.float(),
-                temperature=opts["temperature"], softcap=opts["softcap"],
-                reverse_weight=opts["reverse_weight"], needs=needs, **extra)
-        return dh, dw, db, None, None, None, None, None, None, None
+            alpha = 1.0  # inf or NaN weights: let them reach the gradient as they are
+        ops = _operands(ctx.spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        grads = paths.lean_backward(ctx.impl.logit_rows, ops, state, coef, alpha, ctx.plan, needs)
+        return (*grads, *nones)
 
 
-class TokenLogprobs(torch.autograd.Function):
-    """values_i = log softmax(cap(W h_i + b) / tau)[y_i], differentiable in h, weight, bias."""
+class NoRows(torch.autograd.Function):
+    """A call whose every row is masked out: zero output, zero gradients, nothing launched."""
 
     @staticmethod
-    def forward(
-        ctx: Any, h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, impl: ModuleType,
-        options: dict, impl_options: dict,
-    ) -> Tensor:
-        logp, lse = impl.logprob_forward(h, weight, bias, targets, **options, **_forward_only(impl_options))
-        ctx.impl, ctx.options, ctx.impl_options = impl, options, impl_options
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        return logp
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.like = (h, weight, bias)
+        return h.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx: Any, grad_logp: Tensor):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        dh, dw, db = ctx.impl.reinforce_backward(
-            h, weight, bias, targets, lse, grad_logp.float(), **ctx.options,
-            needs=tuple(ctx.needs_input_grad[:3]), **_backward_only(ctx.impl_options))
-        return dh, dw, db, None, None, None, None
-
-
-def _zero_grads(ctx: Any) -> tuple[Optional[Tensor], ...]:
-    """Zero gradients for (h, weight, bias) of a call that saw no rows."""
-    h, weight, bias = ctx.zero_like
-    return tuple(
-        None if t is None or not need else torch.zeros_like(t)
-        for t, need in zip((h, weight, bias), ctx.needs_input_grad[:3])
-    )
-
-
-# Implementation-specific knobs travel in one dict; each phase takes the ones it understands.
-_FORWARD_KEYS = ("vocab_splits", "chunk_rows")
-_BACKWARD_KEYS = ("filter_eps", "chunk_rows")
-
-
-def _forward_only(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k in _FORWARD_KEYS}
-
-
-def _backward_only(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k in _BACKWARD_KEYS}
+    def backward(ctx: Any, _grad: Tensor):
+        return tuple(None if t is None or not need else torch.zeros_like(t)
+                     for t, need in zip(ctx.like, ctx.needs_input_grad))

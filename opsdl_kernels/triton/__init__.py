@@ -1,9 +1,9 @@
-"""Triton kernels: fused lm-head projection + online softmax/KL state, forward and backward.
+"""Triton kernels: the row kernel of the gradient paths and the fused no-gradient forward.
 
-Same function signatures as ``opsdl_kernels.torch_impl`` (plus ``vocab_splits`` in the forward and
-``filter_eps`` in the backward), so the autograd layer can call either.
+Same functions as ``opsdl_kernels.torch_impl`` (``logit_rows``, ``forward_state``), so the paths
+and the autograd layer can call either.
 """
-from .backward import kl_backward, reinforce_backward
-from .forward import kl_forward, logprob_forward
+from .forward import forward_state
+from .rows import logit_rows
 
-__all__ = ["kl_forward", "kl_backward", "logprob_forward", "reinforce_backward"]
+__all__ = ["forward_state", "logit_rows"]

@@ -1,8 +1,16 @@
-"""Autotune configurations per GPU generation, and the shared-memory budget each must fit.
+"""Launch configurations: the fused forward's autotune lists per GPU generation (with the shared
+memory each must fit), and the row kernel's fixed launch.
 
-The forward and backward kernels keep two fp32 accumulators of BLOCK_M x BLOCK_V in registers and
-stream BLOCK_K-wide slices of the hidden states and the weight through shared memory, ``num_stages``
-deep. ``shared_memory_bytes`` is the estimate the tests hold every config to.
+The fused forward keeps two fp32 accumulators of BLOCK_M x BLOCK_V in registers and streams
+BLOCK_K-wide slices of the hidden states and the weight through shared memory, ``num_stages`` deep.
+``shared_memory_bytes`` is the estimate the tests hold every config to. ``OPSDL_PIN_CONFIG=1``
+makes autotuning keep only the first config that fits (the GPU test mode sets it: one compile
+per kernel variant instead of several).
+
+The row kernel streams rows and needs no tuning to be memory-bound: one row per program,
+``ROW_BLOCK`` columns per step, ``ROW_WARPS`` warps (8 fp32 per thread per operand). Under the
+interpreter a program takes ``INTERPRETER_ROWS`` rows (it runs programs one by one in Python) and
+steps ``INTERPRETER_ROW_BLOCK`` columns, so the small test shapes take several steps per row.
 """
 from __future__ import annotations
 
@@ -44,22 +52,6 @@ FORWARD_CONFIGS = {
     ],
 }
 
-BACKWARD_CONFIGS = {
-    "hopper": [
-        _cfg(128, 128, 64, 8, 3),
-        _cfg(64, 128, 64, 4, 3),
-        _cfg(128, 64, 64, 4, 3),
-    ],
-    "ampere": [
-        _cfg(128, 128, 32, 8, 3),
-        _cfg(64, 128, 64, 4, 3),
-    ],
-    "ampere_small": [
-        _cfg(64, 128, 32, 4, 3),
-        _cfg(64, 64, 64, 4, 2),
-    ],
-}
-
 # Used when no listed config fits (fp32 inputs on a small-shared-memory card).
 FALLBACK_CONFIG = _cfg(32, 64, 32, 4, 2)
 
@@ -71,18 +63,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def shared_memory_bytes(config: triton.Config, element_bytes: int, backward: bool) -> int:
-    """Upper estimate of the shared memory one program of a kernel needs.
-
-    Per pipeline stage the worst case streams a BLOCK_M x BLOCK_K slice of the student and of the
-    teacher hidden states and a BLOCK_V x BLOCK_K slice of each of two lm-head weights (separate
-    teacher weight). The backward also stages its BLOCK_M x BLOCK_V gradient tile, in the input
-    dtype, as an operand of the dh and dW products.
-    """
+def shared_memory_bytes(config: triton.Config, element_bytes: int) -> int:
+    """Upper estimate of the shared memory one program of the fused forward needs: per pipeline
+    stage, in the worst case, a BLOCK_M x BLOCK_K slice of the student and of the teacher hidden
+    states and a BLOCK_V x BLOCK_K slice of each of two lm-head weights (separate teacher weight)."""
     bm, bv, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
-    streamed = config.num_stages * (2 * bm * bk + 2 * bv * bk) * element_bytes
-    staged = bm * bv * element_bytes if backward else 0
-    return streamed + staged
+    return config.num_stages * (2 * bm * bk + 2 * bv * bk) * element_bytes
 
 
 def generation(device: torch.device) -> str:
@@ -100,9 +86,14 @@ def all_configs(table: dict[str, list[triton.Config]]) -> list[triton.Config]:
     return [c for configs in table.values() for c in configs] + [FALLBACK_CONFIG]
 
 
-def prune_for_device(table: dict[str, list[triton.Config]], backward: bool):
+def pinned() -> bool:
+    return os.environ.get("OPSDL_PIN_CONFIG", "0") == "1"
+
+
+def prune_for_device(table: dict[str, list[triton.Config]]):
     """An ``early_config_prune`` hook: the configs listed for the current GPU that fit its shared
-    memory at the inputs' element size, or the fallback when none does."""
+    memory at the inputs' element size (only the first with ``OPSDL_PIN_CONFIG=1``), or the
+    fallback when none does."""
 
     def prune(configs, named_args, **kwargs):
         if interpreting():
@@ -111,8 +102,18 @@ def prune_for_device(table: dict[str, list[triton.Config]], backward: bool):
         element_bytes = named_args["h_ptr"].element_size()
         fitting = [
             c for c in table[gen]
-            if shared_memory_bytes(c, element_bytes, backward) <= SHARED_MEMORY_LIMIT[gen]
+            if shared_memory_bytes(c, element_bytes) <= SHARED_MEMORY_LIMIT[gen]
         ]
-        return fitting or [FALLBACK_CONFIG]
+        return (fitting[:1] if pinned() else fitting) or [FALLBACK_CONFIG]
 
     return prune
+
+
+ROW_BLOCK, ROW_WARPS = 2048, 8
+INTERPRETER_ROW_BLOCK, INTERPRETER_ROWS = 128, 32
+
+
+def row_launch(width: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) of the row kernel for rows of ``width`` columns."""
+    rows, block = (INTERPRETER_ROWS, INTERPRETER_ROW_BLOCK) if interpreting() else (1, ROW_BLOCK)
+    return rows, min(block, max(16, triton.next_power_of_2(width))), ROW_WARPS

@@ -1,4 +1,4 @@
-"""Device helpers shared by the forward and backward kernels: one projection tile and its logits."""
+"""Device helpers shared by the kernels: projection tiles, and logits from raw products."""
 import triton
 import triton.language as tl
 
@@ -51,12 +51,9 @@ def project_pair_tile(
 
 
 @triton.jit
-def finish_logits(z, bias_ptr, cols, col_mask, inv_temperature, softcap,
-                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """s = cap * tanh((z + b) / cap) / tau (softcap optional), fp32."""
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
+def cap_and_scale(z, inv_temperature, softcap):
+    """s = cap * tanh(z / cap) / tau, or z / tau when ``softcap`` is None; fp32, any shape."""
+    if softcap is not None:
         # tanh(u) = sign(u) (1 - e^{-2|u|}) / (1 + e^{-2|u|}): no overflow for any u
         e = tl.exp(-2.0 * tl.abs(z / softcap))
         th = (1.0 - e) / (1.0 + e)

@@ -16,6 +16,7 @@ DEVICE = torch.device(os.environ.get("OPSDL_TEST_DEVICE", "cpu"))
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
+MEMORY = ["fast", "lean"]  # the two gradient paths
 
 
 def make_inputs(

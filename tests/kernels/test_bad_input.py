@@ -44,7 +44,12 @@ BAD = [
     ("token_weights", _set("token_weights", lambda kw: torch.ones(2, 3, dtype=torch.long))),
     ("bias", _set("bias", lambda kw: torch.randn(49))),
     ("teacher_bias", _set("teacher_bias", lambda kw: torch.randn(50, 1))),
-    ("filter_eps", _set("filter_eps", -1.0)),
+    ("memory", _set("memory", "small")),
+    ("memory", lambda kw: kw.update(memory="fast", reduction="none")),
+    ("memory_budget", _set("memory_budget", 0)),
+    ("memory_budget", _set("memory_budget", 1.5e9)),
+    ("memory_budget", lambda kw: kw.update(memory="fast", memory_budget=1000)),
+    ("targets", lambda kw: kw.update(return_log_ratio=True, targets=None)),
     ("reverse_weight", _set("reverse_weight", 1.5)),
     ("reverse_weight", lambda kw: kw.update(estimator="sampled", reverse_weight=0.5)),
 ]
@@ -73,6 +78,8 @@ def test_targets_are_checked_only_on_counted_rows():
     (lambda a: a.update(weight=torch.randn(50, 5)), "weight"),
     (lambda a: a.update(hidden=torch.randn(2, 3, 8).half()), "weight"),
     (lambda a: a.update(temperature=-2.0), "temperature"),
+    (lambda a: a.update(reduction="avg"), "reduction"),
+    (lambda a: a.update(memory="fast"), "memory"),
 ])
 def test_bad_logprob_input_names_the_argument(edit, name):
     kw = _base()

@@ -1,4 +1,5 @@
-"""Both implementations against the float64 reference, every option, three dtypes."""
+"""Both implementations, both gradient paths and the no-gradient forward against the float64
+reference, every option, three dtypes."""
 from __future__ import annotations
 
 import zlib
@@ -8,7 +9,7 @@ import torch
 
 from opsdl_kernels import fused_kl_loss, fused_rkl_loss, fused_token_logprobs
 
-from .inputs import DTYPES, IMPLS, TOLERANCE, clear_grads, cpu_randn, grads_of, make_inputs
+from .inputs import DTYPES, IMPLS, MEMORY, TOLERANCE, clear_grads, cpu_randn, grads_of, make_inputs
 from .reference import reference_kl, reference_logprobs, rel_err
 
 # (name, shape options for make_inputs, loss options)
@@ -29,60 +30,70 @@ CASES = [
 ]
 
 
+# The fast path needs a reduction (it forms the gradient in the forward); "none" takes the lean one.
+PATH_CASES = [(c, memory) for c in CASES for memory in MEMORY if not (memory == "fast" and c[2].get("reduction") == "none")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,shape,options", CASES, ids=[c[0] for c in CASES])
-def test_kl_matches_float64_reference(name, shape, options, impl, dtype, error_log):
+@pytest.mark.parametrize("case,memory", PATH_CASES, ids=[f"{c[0]}-{m}" for c, m in PATH_CASES])
+def test_kl_matches_float64_reference(case, memory, impl, dtype, error_log):
+    name, shape, options = case
     inputs = make_inputs(**shape, dtype=dtype, seed=zlib.crc32(name.encode()))
     upstream = torch.randn(shape["lead"]) if options.get("reduction") == "none" else None
     ref_loss, ref_grads = reference_kl(**inputs, **options, upstream=upstream)
 
-    loss = fused_kl_loss(**inputs, **options, impl=impl, filter_eps=None)
+    loss = fused_kl_loss(**inputs, **options, impl=impl, memory=memory)
     (loss if upstream is None else (loss * upstream).sum()).backward()
+    with torch.no_grad():  # the fused forward (Triton) or the lean forward (PyTorch)
+        no_grad_loss = fused_kl_loss(**inputs, **options, impl=impl, memory=memory)
 
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     tol = TOLERANCE[dtype]
-    errors = {"loss": rel_err(loss, ref_loss)}
+    errors = {"loss": rel_err(loss, ref_loss), "loss_nograd": rel_err(no_grad_loss, ref_loss)}
     for label, got, want in zip(("d_hidden", "d_weight", "d_bias"), grads_of(inputs), ref_grads):
         if want is None:
             continue
         assert got is not None and got.dtype == dtype, f"{label}: missing or wrong dtype"
         errors[label] = rel_err(got, want)
-    error_log(impl, dtype, errors)
+    error_log(f"{impl}-{memory}", dtype, errors)
     bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"{name} {impl} {dtype}: errors {bad} above {tol}"
+    assert not bad, f"{name} {impl} {memory} {dtype}: errors {bad} above {tol}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("with_options", [False, True], ids=["plain", "bias_temp_softcap"])
-def test_token_logprobs_match_reference(impl, dtype, with_options, error_log):
+def test_token_logprobs_match_reference(impl, dtype, reduction, with_options, error_log):
     inputs = make_inputs((3, 4), 19, 311, dtype=dtype, seed=7, bias=with_options)
     h, w, y, b = inputs["student_hidden"], inputs["weight"], inputs["targets"], inputs.get("bias")
     options = dict(temperature=0.8, softcap=6.0) if with_options else {}
-    upstream = torch.randn(3, 4)
+    upstream = {"none": cpu_randn(3, 4, seed=8), "mean": torch.full((3, 4), 1 / 12), "sum": torch.ones(3, 4)}[reduction]
     ref, ref_grads = reference_logprobs(h, w, y, bias=b, upstream=upstream, **options)
-    logp = fused_token_logprobs(h, w, y, bias=b, impl=impl, filter_eps=None, **options)
-    (logp * upstream).sum().backward()
-    assert logp.shape == (3, 4)
+    logp = fused_token_logprobs(h, w, y, bias=b, impl=impl, reduction=reduction, **options)
+    (logp * upstream).sum().backward() if reduction == "none" else logp.backward()
+    assert logp.shape == ((3, 4) if reduction == "none" else ())
+    ref = {"none": ref, "mean": ref.mean(), "sum": ref.sum()}[reduction]
     errors = {"logprob": rel_err(logp, ref)}
     for label, got, want in zip(("d_hidden", "d_weight", "d_bias"), (h.grad, w.grad, None if b is None else b.grad), ref_grads):
         if want is not None:
             errors[label] = rel_err(got, want)
-    error_log(impl, dtype, errors)
+    error_log(f"{impl}-logprob", dtype, errors)
     assert all(v <= TOLERANCE[dtype] for v in errors.values()), errors
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_identical_views_give_zero_kl_and_zero_gradient(impl):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_identical_views_give_zero_kl_and_zero_gradient(impl, memory):
     inputs = make_inputs((6,), 16, 300, dtype=torch.float32, seed=3, bias=True)
     inputs["teacher_hidden"] = inputs["student_hidden"].detach().clone()
     for estimator in ("full", "sampled"):
         clear_grads(inputs)
-        per_row = fused_rkl_loss(**inputs, estimator=estimator, reduction="none", impl=impl,
-                                 teacher_bias=inputs["bias"].detach())
-        per_row.sum().backward()
-        assert torch.equal(per_row, torch.zeros_like(per_row)), per_row
+        loss = fused_rkl_loss(**inputs, estimator=estimator, reduction="sum", impl=impl, memory=memory,
+                              teacher_bias=inputs["bias"].detach())
+        loss.backward()
+        assert loss.item() == 0.0
         for grad in grads_of(inputs):
             assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -94,7 +105,7 @@ def test_near_identical_views_absolute_error(impl):
     noise = cpu_randn(*inputs["student_hidden"].shape, seed=5) * 1e-3
     inputs["teacher_hidden"] = inputs["student_hidden"].detach() + noise
     ref_loss, ref_grads = reference_kl(**inputs, reduction="none", upstream=torch.ones(8))
-    loss = fused_rkl_loss(**inputs, reduction="none", impl=impl, filter_eps=None)
+    loss = fused_rkl_loss(**inputs, reduction="none", impl=impl)
     loss.sum().backward()
     assert 0 < float(ref_loss.min()) and float(ref_loss.max()) < 1e-4  # the case is what it claims
     assert float((loss.detach().double() - ref_loss).abs().max()) < 2e-6
@@ -102,14 +113,15 @@ def test_near_identical_views_absolute_error(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_extreme_logits_stay_finite_and_correct(impl):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_extreme_logits_stay_finite_and_correct(impl, memory):
     inputs = make_inputs((5,), 16, 300, dtype=torch.float32, seed=6, logit_scale=1.0)
     with torch.no_grad():
         inputs["weight"].mul_(1e4 / inputs["weight"].abs().max() / 4)  # |z| up to ~1e4
     for estimator in ("full", "sampled"):
         clear_grads(inputs)
         ref_loss, ref_grads = reference_kl(**inputs, estimator=estimator)
-        loss = fused_rkl_loss(**inputs, estimator=estimator, impl=impl, filter_eps=None)
+        loss = fused_rkl_loss(**inputs, estimator=estimator, impl=impl, memory=memory)
         loss.backward()
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads_of(inputs) if g is not None)
         assert rel_err(loss, ref_loss) < 1e-4
@@ -120,14 +132,17 @@ def test_extreme_logits_stay_finite_and_correct(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_nan_input_gives_nan_not_zero(impl):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_nan_input_gives_nan_not_zero(impl, memory):
     inputs = make_inputs((4,), 16, 300, dtype=torch.float32, seed=8)
     with torch.no_grad():
         inputs["student_hidden"][2, 5] = float("nan")
-    loss = fused_rkl_loss(**inputs, reduction="none", impl=impl)
-    loss.sum().backward()
-    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
-    assert torch.isnan(inputs["weight"].grad).any()
+    per_row = fused_rkl_loss(**inputs, reduction="none", impl=impl)
+    assert torch.isnan(per_row[2]) and torch.isfinite(per_row[[0, 1, 3]]).all()
+    loss = fused_rkl_loss(**inputs, impl=impl, memory=memory)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(inputs["weight"].grad).any()
+    assert torch.isnan(inputs["student_hidden"].grad[2]).all() and torch.isfinite(inputs["student_hidden"].grad[[0, 1, 3]]).all()
     logp = fused_token_logprobs(inputs["student_hidden"], inputs["weight"], inputs["targets"], impl=impl)
     assert torch.isnan(logp[2]) and torch.isfinite(logp[[0, 1, 3]]).all()
 
@@ -155,21 +170,23 @@ def test_masked_rows_are_zero_in_reduction_none(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_teacher_side_is_constant(impl):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_teacher_side_is_constant(impl, memory):
     inputs = make_inputs((5,), 16, 300, dtype=torch.float32, seed=11, teacher_bias=True)
     inputs["teacher_hidden"].requires_grad_()
     inputs["teacher_bias"].requires_grad_()
-    fused_rkl_loss(**inputs, impl=impl).backward()
+    fused_rkl_loss(**inputs, impl=impl, memory=memory).backward()
     assert inputs["teacher_hidden"].grad is None and inputs["teacher_bias"].grad is None
     # teacher_weight=weight (the same tensor) gives exactly the gradient of teacher_weight=None
     w_grad = inputs["weight"].grad.clone()
     clear_grads(inputs)
-    fused_rkl_loss(**inputs, teacher_weight=inputs["weight"], impl=impl).backward()
+    fused_rkl_loss(**inputs, teacher_weight=inputs["weight"], impl=impl, memory=memory).backward()
     assert torch.equal(inputs["weight"].grad, w_grad)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_non_contiguous_inputs(impl):
+@pytest.mark.parametrize("memory", MEMORY)
+def test_non_contiguous_inputs(impl, memory):
     base = make_inputs((6,), 16, 300, dtype=torch.float32, seed=12)
     wide = cpu_randn(6, 32, seed=13)
     h = wide[:, ::2].clone().requires_grad_()  # contiguous leaf for the reference
@@ -177,7 +194,7 @@ def test_non_contiguous_inputs(impl):
     w_t = base["weight"].detach().t().contiguous().t().requires_grad_()  # column-major (V, H)
     g = cpu_randn(16, 6, seed=14).t()
     ref_loss, ref_grads = reference_kl(h, g, w_t)
-    loss = fused_rkl_loss(h_view, g, w_t, impl=impl, filter_eps=None)
+    loss = fused_rkl_loss(h_view, g, w_t, impl=impl, memory=memory)
     loss.backward()
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(wide.grad[:, ::2] if wide.grad is not None else h_view.grad, ref_grads[0]) < 1e-5

@@ -1,4 +1,5 @@
-"""The kernels compile for Hopper and Ampere, and every autotune config fits the shared memory."""
+"""The kernels compile for Hopper and Ampere in every variant a launch can specialise (absent inputs,
+integer arguments equal to 1), and every autotune config of the fused forward fits the shared memory."""
 from __future__ import annotations
 
 import json
@@ -23,10 +24,13 @@ def test_every_config_compiles_for_its_gpu_within_shared_memory():
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(results) >= 16 and {r["gen"] for r in results} == set(SHARED_MEMORY_LIMIT)
+    assert {r["gen"] for r in results} == set(SHARED_MEMORY_LIMIT)
+    variants = {(r["kernel"], r["variant"]) for r in results}
+    assert {("forward", "ones"), ("rows", "ones"), ("rows", "fast_kl"), ("rows", "lean_backward_sampled"),
+            ("forward", "logprobs")} <= variants and len(results) >= 40
     for r in results:
         assert r["shared"] <= SHARED_MEMORY_LIMIT[r["gen"]], r
-        config = triton.Config(r["config"], num_stages=r["num_stages"])
-        element_bytes = 4 if r["variant"].endswith("fp32") else 2
-        # the estimate the autotune pruning relies on is an upper bound of what the compiler takes
-        assert r["shared"] <= shared_memory_bytes(config, element_bytes, r["kernel"] == "backward"), r
+        if r["kernel"] == "forward":
+            config = triton.Config(r["config"], num_stages=r["num_stages"])
+            # the estimate the autotune pruning relies on is an upper bound of what the compiler takes
+            assert r["shared"] <= shared_memory_bytes(config, 2), r

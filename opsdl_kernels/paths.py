@@ -1,0 +1,157 @@
+"""The two gradient structures of ``plan.py`` as loops of cuBLAS products around a row kernel.
+
+Every function here takes ``rows``, an implementation's ``logit_rows`` (Triton kernel or PyTorch),
+which reads blocks of fp32 logits that the products wrote and updates the per-row state of
+``state.py`` and/or writes the logit gradient ``G`` in the inputs' dtype into the storage of the
+logits it just read (so ``G`` costs no memory). Nothing here depends on the implementation.
+
+Arguments shared by all: ``h`` (N, H) student hidden states, ``g`` (N, H_t) teacher hidden states
+or None (log-probs), ``weight`` (V, H), ``teacher_weight`` (V, H_t), ``bias``/``teacher_bias`` (V,)
+or None, ``targets`` (N,) int64 or None.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .matmul import addmm_fp32_, column_sums_, logit_operand, mm_fp32, scaled_mm_
+from .plan import LeanPlan
+from .state import LossSpec, new_state
+
+Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+@dataclass
+class Operands:
+    spec: LossSpec
+    h: Tensor
+    g: Optional[Tensor]
+    weight: Tensor
+    teacher_weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    teacher_bias: Optional[Tensor]
+    targets: Optional[Tensor]
+
+    @functools.cached_property
+    def w_logits(self) -> Tensor:
+        """The student weight as the logit products take it (see ``matmul.logit_operand``)."""
+        return logit_operand(self.weight)
+
+    @functools.cached_property
+    def u_logits(self) -> Tensor:
+        return self.w_logits if self.teacher_weight is self.weight else logit_operand(self.teacher_weight)
+
+
+def _buffer(rows: int, cols: int, device: torch.device) -> Tensor:
+    return torch.empty(rows * cols, dtype=torch.float32, device=device)
+
+
+def _matrix(buffer: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous (rows, cols) fp32 matrix at the start of a reused flat buffer."""
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _grad_view(logits: Tensor, dtype: torch.dtype) -> Tensor:
+    """``G`` (rows, cols) in ``dtype`` over the first bytes of each row of ``logits`` (fp32): row i
+    of G is written only by the program that has read row i of the logits up to that column."""
+    if dtype == torch.float32:
+        return logits
+    return logits.view(dtype)[:, : logits.shape[1]]
+
+
+def _slice(t: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
+    return None if t is None else t[start:stop]
+
+
+def fast_forward_backward(
+    rows: Callable, ops: Operands, coef: Optional[Tensor], alpha: float, chunk_rows: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Grads]:
+    """The fast path: per-row state and the gradient of ``alpha * sum_i coef_i value_i``, in one
+    pass over row chunks. Per chunk: ``S = h_c W^T``, ``T = g_c U^T`` (fp32), the row kernel (state,
+    then G), ``dh_c = alpha G W``, ``dW (+)= alpha G^T h_c`` in the weight's dtype, ``db += alpha
+    sum_c G`` in fp32. Returns the finished state and ``(dh, dW, db)``."""
+    h, n, dev = ops.h, ops.h.shape[0], ops.h.device
+    vocab = ops.weight.shape[0]
+    need_dh, need_dw, need_db = needs
+    state = new_state(n, dev)
+    s_buf = _buffer(chunk_rows, vocab, dev)
+    t_buf = _buffer(chunk_rows, vocab, dev) if ops.g is not None else None
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
+    dw = torch.empty_like(ops.weight, memory_format=torch.contiguous_format) if need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    for start in range(0, n, chunk_rows):
+        stop = min(n, start + chunk_rows)
+        zs = mm_fp32(h[start:stop], ops.w_logits, _matrix(s_buf, stop - start, vocab))
+        zt = None if t_buf is None else mm_fp32(ops.g[start:stop], ops.u_logits, _matrix(t_buf, stop - start, vocab))
+        grad = _grad_view(zs if zt is None else zt, h.dtype)
+        rows(ops.spec, zs, zt, state[:, start:stop], v0=0, bias=ops.bias, teacher_bias=ops.teacher_bias,
+             targets=_slice(ops.targets, start, stop), coef=_slice(coef, start, stop), grad=grad,
+             update=True, first=True, last=True)
+        if dh is not None:
+            scaled_mm_(dh[start:stop], grad, ops.weight, alpha, accumulate=False)
+        if dw is not None:
+            scaled_mm_(dw, grad.t(), h[start:stop], alpha, accumulate=start > 0)
+        column_sums_(db, grad)
+    return state, (dh, dw, None if db is None else (db * alpha).to(ops.bias.dtype))
+
+
+def lean_forward(rows: Callable, ops: Operands, plan: LeanPlan) -> Tensor:
+    """The per-row state over vocabulary slabs: ``S = h W[slab]^T``, ``T = g U[slab]^T`` (fp32),
+    the row kernel merging each slab into the running state. Nothing is kept but the state."""
+    h, n, dev = ops.h, ops.h.shape[0], ops.h.device
+    vocab = ops.weight.shape[0]
+    state = new_state(n, dev)
+    s_buf = _buffer(min(plan.block_rows, n), plan.slab, dev)
+    t_buf = _buffer(min(plan.block_rows, n), plan.slab, dev) if ops.g is not None else None
+    for r0 in range(0, n, plan.block_rows):
+        r1 = min(n, r0 + plan.block_rows)
+        for v0 in range(0, vocab, plan.slab):
+            v1 = min(vocab, v0 + plan.slab)
+            zs = mm_fp32(h[r0:r1], ops.w_logits[v0:v1], _matrix(s_buf, r1 - r0, v1 - v0))
+            zt = None if t_buf is None else mm_fp32(ops.g[r0:r1], ops.u_logits[v0:v1], _matrix(t_buf, r1 - r0, v1 - v0))
+            rows(ops.spec, zs, zt, state[:, r0:r1], v0=v0, bias=_slice(ops.bias, v0, v1),
+                 teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1), coef=None,
+                 grad=None, update=True, first=v0 == 0, last=v1 == vocab)
+    return state
+
+
+def lean_backward(
+    rows: Callable, ops: Operands, state: Tensor, coef: Tensor, alpha: float, plan: LeanPlan,
+    needs: tuple[bool, bool, bool],
+) -> Grads:
+    """The gradient of ``alpha * sum_i coef_i value_i`` by recomputing each slab's logits (the
+    teacher's only for the exact KL): G from the saved state, ``dW[slab] = alpha G^T h`` written
+    once per block of rows, ``dh += G W[slab]`` in fp32, ``db[slab] += alpha sum G``."""
+    h, n, dev = ops.h, ops.h.shape[0], ops.h.device
+    vocab = ops.weight.shape[0]
+    need_dh, need_dw, need_db = needs
+    teacher_logits = ops.spec.kind == "kl"
+    block = min(plan.block_rows, n)
+    s_buf = _buffer(block, plan.slab, dev)
+    t_buf = _buffer(block, plan.slab, dev) if teacher_logits else None
+    dh32 = torch.zeros(h.shape, dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.empty_like(ops.weight, memory_format=torch.contiguous_format) if need_dw else None
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    for r0 in range(0, n, plan.block_rows):
+        r1 = min(n, r0 + plan.block_rows)
+        for v0 in range(0, vocab, plan.slab):
+            v1 = min(vocab, v0 + plan.slab)
+            zs = mm_fp32(h[r0:r1], ops.w_logits[v0:v1], _matrix(s_buf, r1 - r0, v1 - v0))
+            zt = mm_fp32(ops.g[r0:r1], ops.u_logits[v0:v1], _matrix(t_buf, r1 - r0, v1 - v0)) if teacher_logits else None
+            grad = _grad_view(zs if zt is None else zt, h.dtype)
+            rows(ops.spec, zs, zt, state[:, r0:r1], v0=v0, bias=_slice(ops.bias, v0, v1),
+                 teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1),
+                 coef=coef[r0:r1], grad=grad, update=False, first=False, last=False)
+            if dh32 is not None:
+                addmm_fp32_(dh32[r0:r1], grad, ops.weight[v0:v1])
+            if dw is not None:
+                scaled_mm_(dw[v0:v1], grad.t(), h[r0:r1], alpha, accumulate=r0 > 0)
+            column_sums_(None if db is None else db[v0:v1], grad)
+    del s_buf, t_buf, zs, zt, grad  # before dh's cast allocates
+    dh = None if dh32 is None else (dh32.mul_(alpha)).to(h.dtype)
+    return dh, dw, None if db is None else (db * alpha).to(ops.bias.dtype)
