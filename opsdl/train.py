@@ -126,18 +126,13 @@ def packed_rows(model, prompts: list[list[int]], responses: list[list[int]], dev
 
 
 def distillation_loss(cfg: TrainConfig, head: LMHead, student_rows, teacher_rows, targets, compute_dtype):
-    """Per-token loss values (N,) and the sampled log-ratio log p_s(y) - log p_t(y) (N,) for logging."""
+    """The mean per-token loss over the response rows and, from the same fused call, the per-row
+    sampled log-ratio log p_s(y) - log p_t(y) (logged; the loss itself when --estimator sampled)."""
     weight = head.weight.to(compute_dtype)
     bias = None if head.bias is None else head.bias.to(compute_dtype)
-    common = dict(targets=targets, softcap=head.softcap, bias=bias, teacher_bias=bias, reduction="none", impl=cfg.impl)
-    per_token = fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype), weight,
-                               estimator=cfg.estimator, **common)
-    if cfg.estimator == "sampled":
-        return per_token, per_token.detach()
-    with torch.no_grad():
-        log_ratio = fused_rkl_loss(student_rows.detach().to(compute_dtype), teacher_rows.to(compute_dtype),
-                                   weight.detach(), estimator="sampled", **common)
-    return per_token, log_ratio
+    return fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype), weight, targets=targets,
+                          estimator=cfg.estimator, softcap=head.softcap, bias=bias, teacher_bias=bias, impl=cfg.impl,
+                          return_log_ratio=True)
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, ema_teacher, cfg: TrainConfig) -> Path:
@@ -242,11 +237,11 @@ def train(cfg: TrainConfig) -> dict:
                 targets = torch.tensor([t for r in responses for t in r], device=device)
                 with autocast:
                     student_rows = packed_rows(model, [o.student for o in owners], responses, device)
-                per_token = -fused_token_logprobs(student_rows.to(compute_dtype), head.weight.to(compute_dtype),
-                                                  targets, softcap=head.softcap, impl=cfg.impl,
-                                                  bias=None if head.bias is None else head.bias.to(compute_dtype))
-                log_ratio = torch.zeros_like(per_token)
-                (per_token.mean() / cfg.grad_accum).backward()
+                loss = -fused_token_logprobs(student_rows.to(compute_dtype), head.weight.to(compute_dtype),
+                                             targets, softcap=head.softcap, impl=cfg.impl, reduction="mean",
+                                             bias=None if head.bias is None else head.bias.to(compute_dtype))
+                log_ratio = torch.zeros(len(targets))
+                (loss / cfg.grad_accum).backward()
                 stats["tokens"] += sum(len(o.student) + len(r) for o, r in zip(owners, responses))
             else:
                 # 1. on-policy rollouts under the long context
@@ -266,14 +261,13 @@ def train(cfg: TrainConfig) -> dict:
                     student_rows = packed_rows(model, [o.student for o in owners], responses, device)
 
                 # 4. per-token reverse KL at the response rows; mean over this micro-batch's tokens
-                per_token, log_ratio = distillation_loss(cfg, head, student_rows, teacher_rows, targets,
-                                                         compute_dtype)
-                (per_token.mean() / cfg.grad_accum).backward()
+                loss, log_ratio = distillation_loss(cfg, head, student_rows, teacher_rows, targets, compute_dtype)
+                (loss / cfg.grad_accum).backward()
                 stats["tokens"] += sum(len(o.student) + len(o.teacher) + 2 * len(r)
                                        for o, r in zip(owners, responses))
 
-            stats["rows"] += per_token.numel()
-            stats["loss_sum"] += float(per_token.detach().sum())
+            stats["rows"] += len(targets)
+            stats["loss_sum"] += float(loss.detach()) * len(targets)
             stats["log_ratio_sum"] += float(log_ratio.sum())
             stats["resp_len"] += [len(r) for r in responses]
             if cfg.objective == "opsdl":  # the drift signal: do the model's own answers hold the expected ones?

@@ -14,6 +14,9 @@ if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
     torch.set_default_device(TEST_DEVICE)
+    # one autotune config per kernel variant: a compile, not a tuning run, per new key (the dedicated
+    # autotuning test builds its own two-config tuner)
+    os.environ.setdefault("OPSDL_PIN_CONFIG", "1")
 
 import numpy as np  # noqa: E402
 

@@ -109,11 +109,11 @@ def prune_for_device(table: dict[str, list[triton.Config]]):
     return prune
 
 
-ROW_BLOCK, ROW_WARPS = 2048, 8
+ROW_ROWS, ROW_BLOCK, ROW_WARPS = 1, 2048, 8
 INTERPRETER_ROW_BLOCK, INTERPRETER_ROWS = 128, 32
 
 
 def row_launch(width: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_V, num_warps) of the row kernel for rows of ``width`` columns."""
-    rows, block = (INTERPRETER_ROWS, INTERPRETER_ROW_BLOCK) if interpreting() else (1, ROW_BLOCK)
+    rows, block = (INTERPRETER_ROWS, INTERPRETER_ROW_BLOCK) if interpreting() else (ROW_ROWS, ROW_BLOCK)
     return rows, min(block, max(16, triton.next_power_of_2(width))), ROW_WARPS

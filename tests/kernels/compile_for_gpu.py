@@ -57,9 +57,9 @@ def _forward_variants():
 def _row_variants():
     import triton
 
-    from opsdl_kernels.triton.configs import ROW_BLOCK, ROW_WARPS
+    from opsdl_kernels.triton.configs import ROW_BLOCK, ROW_ROWS, ROW_WARPS
 
-    cfg = triton.Config({"BLOCK_V": ROW_BLOCK}, num_warps=ROW_WARPS, num_stages=1)
+    cfg = triton.Config({"BLOCK_R": ROW_ROWS, "BLOCK_V": ROW_BLOCK}, num_warps=ROW_WARPS, num_stages=1)
     pointers = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "grad_ptr": "*bf16", "bias_ptr": "*bf16",
                 "teacher_bias_ptr": "*bf16", "targets_ptr": "*i64", "coef_ptr": "*fp32", "state_ptr": "*fp32"}
     fast = dict(KIND=0, MIX_FORWARD=True, UPDATE=True, FIRST=True, LAST=True)

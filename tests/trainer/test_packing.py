@@ -26,7 +26,7 @@ def test_packed_hidden_states_equal_unpacked(family, dtype, tol):
     model = _model(family, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     lengths = [7, 1, 13, 10]  # includes a length-1 sequence; 13 > gemma2's sliding window of 8
-    seqs = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
+    seqs = [torch.randint(0, 512, (n,), generator=gen, device="cpu").tolist() for n in lengths]
     device = model.device
     with torch.no_grad():
         packed = packed_hidden_states(model, pack(seqs, device=device))
@@ -85,7 +85,7 @@ def test_rope_stretch_is_position_interpolation(tmp_path):
 
     plain, stretched = _model("llama"), _model("llama")
     stretch_rope(stretched, 2.0)
-    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3)).to(plain.device)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3), device="cpu").to(plain.device)
     pos = torch.arange(12, device=plain.device)[None]
     with torch.no_grad():
         a = decoder(stretched)(input_ids=ids, position_ids=2 * pos).last_hidden_state

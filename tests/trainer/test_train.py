@@ -87,3 +87,27 @@ def test_smollm2_trains_one_step(tmp_path):
     assert summary["steps_run"] == 1 and summary["last_loss"] == summary["last_loss"]
     reloaded, _ = load_model(str(tmp_path / "checkpoint-000001"))
     assert sum(p.numel() for p in reloaded.parameters()) > 100_000_000
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_one_fused_call_per_micro_batch_on_the_fast_path(tmp_path, monkeypatch, estimator):
+    """The loss and the logged log-ratio come from one call, whose gradient was formed in the forward
+    (the fast path): no second full forward just to log the single-sample estimate."""
+    import opsdl.train as loop
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        loss, log_ratio = loop_fused(*args, **kwargs)
+        calls.append((type(loss.grad_fn).__name__, log_ratio.shape, kwargs["targets"].shape))
+        return loss, log_ratio
+
+    loop_fused = loop.fused_rkl_loss
+    monkeypatch.setattr(loop, "fused_rkl_loss", spy)
+    train(TrainConfig(**TINY, steps=2, grad_accum=2, estimator=estimator, out=str(tmp_path)))
+    assert len(calls) == 4
+    assert all(name == "GradientInForwardBackward" and ratio == rows for name, ratio, rows in calls), calls
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["mean_advantage"] == r["mean_advantage"] for r in log)
+    if estimator == "sampled":
+        assert all(abs(r["kl_estimate"] + r["mean_advantage"]) < 1e-6 for r in log)
