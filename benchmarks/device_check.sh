@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: kernel tests with compiled Triton (and the packed-attention tests on
-# CUDA), then the benchmark grid, then a
-# report (markdown + JSON + PNG) in the output folder.
+# One command for a GPU machine: the headline shape for every provider and the gradient error against
+# float64 first (so a run cut short still has them), then the kernel tests with compiled Triton (and
+# the packed-attention tests on CUDA), then the rest of the benchmark grid, then a report (markdown +
+# JSON + PNG) in the output folder.
 #
 #   benchmarks/device_check.sh [OUT_DIR]         OUT_DIR defaults to $OUT, else benchmarks/results/<date>
 #   benchmarks/device_check.sh --cpu-dry-run DIR walk every step on a CPU (interpreted kernels,
 #                                                CPU benchmark shapes): for checking the script itself
 #
-# Budget: about 8 minutes on an H100/H200 (tests <= 3 min, benchmarks <= 4.5 min, each step with a
-# timeout). liger-kernel is installed from wheels in .whl/ when it is missing (benchmarks/README.md).
+# Budget: at most 8 minutes on an H100/H200 (headline <= 3 min, tests <= 2.5 min, grid <= 4 min as
+# timeouts; about 6 expected). liger-kernel is installed from wheels in .whl/ when it is missing (benchmarks/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,18 +42,25 @@ if [ "$dry_run" = 1 ]; then
     test_cmd=("$py" -m pytest tests/kernels -q -x -p no:cacheprovider --deselect tests/kernels/test_gpu_compile.py)
 else
     export OPSDL_TEST_DEVICE=cuda TRITON_INTERPRET=0
-    test_cmd=("$py" -m pytest tests/kernels tests/trainer/test_packing.py -q -p no:cacheprovider)
+    test_cmd=("$py" -m pytest tests/kernels tests/trainer/test_packing.py -q -p no:cacheprovider --durations=10)
 fi
+bench=("$py" -m pytest -q -p no:cacheprovider)
 
-echo "device_check: [1/3] kernel tests -> $out/tests.log"
-timeout 180 "${test_cmd[@]}" > "$out/tests.log" 2>&1
+echo "device_check: [1/4] headline shape, every provider, and gradient error vs float64 -> $out/headline.json"
+OPSDL_BENCH_SHAPES=headline OPSDL_BENCH_UNMEASURED="$out/unmeasured-headline.json" timeout 180 "${bench[@]}" \
+    benchmarks/test_providers_agree.py benchmarks/test_kl_speed_memory.py benchmarks/test_accuracy.py \
+    --benchmark-json="$out/headline.json" > "$out/headline.log" 2>&1
+echo "device_check: headline exit $? ($(grep -E ' passed| failed' "$out/headline.log" | tail -1))"
+
+echo "device_check: [2/4] kernel tests -> $out/tests.log"
+timeout 150 "${test_cmd[@]}" > "$out/tests.log" 2>&1
 echo "device_check: kernel tests exit $? ($(grep -E ' passed| failed' "$out/tests.log" | tail -1))"
 
-echo "device_check: [2/3] benchmark grid -> $out/benchmark.json"
-OPSDL_BENCH_UNMEASURED="$out/unmeasured.json" timeout 270 "$py" -m pytest benchmarks -q -p no:cacheprovider \
-    --benchmark-json="$out/benchmark.json" > "$out/benchmarks.log" 2>&1
-echo "device_check: benchmarks exit $? ($(grep -E ' passed| failed' "$out/benchmarks.log" | tail -1))"
+echo "device_check: [3/4] the rest of the grid -> $out/grid.json"
+OPSDL_BENCH_SHAPES=rest OPSDL_BENCH_UNMEASURED="$out/unmeasured-grid.json" timeout 240 "${bench[@]}" \
+    benchmarks/test_kl_speed_memory.py --benchmark-json="$out/grid.json" > "$out/grid.log" 2>&1
+echo "device_check: grid exit $? ($(grep -E ' passed| failed' "$out/grid.log" | tail -1))"
 
-echo "device_check: [3/3] report"
-"$py" -m benchmarks.report "$out/benchmark.json" --out "$out" --unmeasured "$out/unmeasured.json" \
-    --tests-log "$out/tests.log"
+echo "device_check: [4/4] report"
+"$py" -m benchmarks.report "$out/headline.json" "$out/grid.json" --out "$out" \
+    --unmeasured "$out/unmeasured-headline.json" "$out/unmeasured-grid.json" --tests-log "$out/tests.log"

@@ -18,14 +18,27 @@ class Shape:
         return f"N{self.n}-H{self.hidden}-V{self.vocab}"
 
 
-# Liger-Kernel's published distillation shape, Qwen2.5-7B's lm-head, and a vocabulary sweep.
+# The issue's headline shape (Liger-Kernel's published distillation shape) comes first, so a run cut
+# short still has it for every provider; then Qwen2.5-7B's lm-head, a vocabulary sweep, an N sweep.
+HEADLINE = Shape(8192, 4096, 128256)
 GPU_SHAPES = (
-    [Shape(n, 4096, 128256) for n in (1024, 2048, 4096, 8192, 16384)]
-    + [Shape(n, 3584, 152064) for n in (1024, 4096, 8192, 16384)]
+    [HEADLINE, Shape(16384, 3584, 152064)]
     + [Shape(8192, 4096, v) for v in (32768, 65536, 256000)]
+    + [Shape(n, 4096, 128256) for n in (1024, 2048, 4096, 16384)]
+    + [Shape(n, 3584, 152064) for n in (1024, 4096, 8192)]
 )
+# Gradient error against float64 is measured on the first 2048 rows of the headline shape.
+GPU_ACCURACY_SHAPE = Shape(2048, 4096, 128256)
 # Small enough for a 2-core CPU in CI.
 CPU_SHAPES = [Shape(256, 256, 8192), Shape(1024, 256, 8192)]
+CPU_ACCURACY_SHAPE = Shape(128, 64, 2000)
+
+
+def select(shapes: list[Shape], which: str) -> list[Shape]:
+    """``OPSDL_BENCH_SHAPES``: "headline" (the first shape only), "rest" (all but it) or "all"."""
+    if which not in ("all", "headline", "rest"):
+        raise ValueError(f"OPSDL_BENCH_SHAPES: expected all, headline or rest, got {which!r}")
+    return {"all": shapes, "headline": shapes[:1], "rest": shapes[1:]}[which]
 
 
 @dataclass

@@ -54,15 +54,23 @@ class Provider:
         return not self.requires or importlib.util.find_spec(self.requires) is not None
 
 
+LEAN_BUDGET = 256 << 20  # the lean path's target: at most 256 MiB of working memory at any V
+
+
 PROVIDERS = {
     p.name: p
     for p in [
-        Provider("opsdl_triton_full", lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, impl="triton"),
-                 ("cuda",)),
-        Provider("opsdl_triton_sampled",
+        # the default path (memory="auto": the fast path, gradient formed in the forward, at these shapes)
+        Provider("opsdl_fast", lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, impl="triton"), ("cuda",)),
+        Provider("opsdl_fast_sampled",
                  lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, targets=pb.targets,
                                            estimator="sampled", impl="triton"),
                  ("cuda",), estimator="sampled"),
+        Provider("opsdl_lean",
+                 lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, impl="triton", memory="lean",
+                                           memory_budget=LEAN_BUDGET),
+                 ("cuda",)),
+        # the same paths with the row math in eager PyTorch (the CPU implementation)
         Provider("opsdl_torch", lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, impl="torch"),
                  ("cpu", "cuda")),
         Provider("naive", lambda pb: naive_reverse_kl(pb.student, pb.teacher, pb.weight), ("cpu", "cuda")),

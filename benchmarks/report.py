@@ -1,6 +1,6 @@
-"""Turn a pytest-benchmark JSON file into the device report: markdown, JSON and a PNG plot.
+"""Turn pytest-benchmark JSON files into the device report: markdown, JSON and a PNG plot.
 
-    python -m benchmarks.report BENCHMARK_JSON --out DIR [--unmeasured FILE] [--tests-log FILE]
+    python -m benchmarks.report BENCHMARK_JSON [...] --out DIR [--unmeasured FILE ...] [--tests-log FILE]
 """
 from __future__ import annotations
 
@@ -12,16 +12,25 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-TARGET_SHAPE = (8192, 4096, 128256)  # N, H, V of the issue's targets
+HEADLINE = (8192, 4096, 128256)  # N, H, V of the issue's headline targets
+RATIO_SHAPES = [HEADLINE, (16384, 3584, 152064), (8192, 4096, 32768), (8192, 4096, 65536), (8192, 4096, 256000)]
 PLOT_SHAPE = (4096, 128256)  # H, V of the N sweep that is plotted
 LIGER = ("liger_fused_linear_jsd", "liger_jsd_loss_chunked")
-MEMORY_BUDGET_MIB = 64.0
+DEFAULT, SAMPLED, LEAN = "opsdl_fast", "opsdl_fast_sampled", "opsdl_lean"
+LEAN_MIB, TIME_VS_LIGER, LEAN_TIME_VS_LIGER, FLOOR_FRACTION, GRAD_ERROR = 256.0, 0.9, 1.4, 0.8, 0.005
 
 
-def load_rows(benchmark_json: Path) -> tuple[dict, list[dict]]:
-    data = json.loads(benchmark_json.read_text())
-    rows = [b["extra_info"] for b in data["benchmarks"] if "provider" in b.get("extra_info", {})]
-    return data.get("machine_info", {}), rows
+def load_rows(benchmark_jsons: list[Path]) -> tuple[dict, list[dict], list[dict]]:
+    """(machine info, timing rows, accuracy rows) from one or more pytest-benchmark JSON files."""
+    machine, timings, accuracy = {}, [], []
+    for path in benchmark_jsons:
+        data = json.loads(path.read_text())
+        machine = machine or data.get("machine_info", {})
+        for b in data["benchmarks"]:
+            info = b.get("extra_info", {})
+            if "provider" in info:
+                (accuracy if info.get("kind") == "accuracy" else timings).append(info)
+    return machine, timings, accuracy
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -47,32 +56,58 @@ def fastest_liger(providers: dict[str, dict]) -> Optional[dict]:
     return min(timed, key=lambda r: r["median_ms"]) if timed else None
 
 
-def targets(table: dict) -> list[dict]:
-    """The issue's targets at N=8192, H=4096, V=128256, each with its measured value."""
-    out = []
-    at = table.get(TARGET_SHAPE, {})
-    full, sampled, liger = at.get("opsdl_triton_full"), at.get("opsdl_triton_sampled"), fastest_liger(at)
+def leanest_liger_mib(providers: dict[str, dict]) -> Optional[float]:
+    peaks = [providers[p]["peak_extra_mib"] for p in LIGER if p in providers and providers[p]["peak_extra_mib"] is not None]
+    return min(peaks) if peaks else None
 
-    def add(name: str, value: Optional[float], bound: float, higher_is_better: bool, unit: str = "") -> None:
-        met = None if value is None else (value >= bound if higher_is_better else value <= bound)
-        out.append({"target": name, "value": value, "bound": bound, "met": met, "unit": unit})
 
-    def ratio(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
-        return a["median_ms"] / b["median_ms"] if a and b else None
+def _target(out: list, name: str, shape, value: Optional[float], bound: float, higher_is_better: bool,
+            unit: str = "", beside: str = "") -> None:
+    met = None if value is None else (value >= bound if higher_is_better else value <= bound)
+    out.append({"target": name, "shape": "x".join(map(str, shape)) if shape else "", "value": value,
+                "bound": bound, "met": met, "unit": unit, "beside": beside})
 
-    add("full time / fastest Liger time", ratio(full, liger), 1.0, False, "x")
-    add("full fraction of the floor", full.get("fraction_of_floor") if full else None, 0.7, True)
-    add("sampled time / full time", ratio(sampled, full), 0.8, False, "x")
-    add("full extra memory", full["peak_extra_mib"] if full else None, MEMORY_BUDGET_MIB, False, " MiB")
-    sweep = {v: p["opsdl_triton_full"]["peak_extra_mib"] for (n, h, v), p in table.items()
-             if n == 8192 and h == 4096 and "opsdl_triton_full" in p}
-    if len(sweep) > 1:
-        spread = max(sweep.values()) - min(sweep.values())
-        add(f"full extra memory spread over V in {sorted(sweep)}", spread, MEMORY_BUDGET_MIB, False, " MiB")
+
+def _ratio(a: Optional[dict], b: Optional[dict], key: str = "median_ms") -> Optional[float]:
+    if not a or not b or a.get(key) is None or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def targets(table: dict, accuracy: list[dict]) -> list[dict]:
+    """The issue's targets, each with its measured value: speed and memory against Liger-Kernel at
+    the headline shape, Qwen2.5-7B's head and the vocabulary sweep; the fraction of the 4-product
+    floor; the lean path's memory and speed; sampled against full; gradient error against float64."""
+    out: list[dict] = []
+    for shape in RATIO_SHAPES:
+        at = table.get(shape, {})
+        full, lean, liger = at.get(DEFAULT), at.get(LEAN), fastest_liger(at)
+        liger_note = f"fastest Liger: {liger['provider']} {liger['median_ms']:.1f} ms" if liger else ""
+        _target(out, "default time / fastest Liger", shape, _ratio(full, liger), TIME_VS_LIGER, False, "x", liger_note)
+        liger_mib = leanest_liger_mib(at)
+        _target(out, "default extra memory / Liger's", shape,
+                full["peak_extra_mib"] / liger_mib if full and liger_mib and full["peak_extra_mib"] is not None else None,
+                1.0, False, "x", f"Liger: {liger_mib:.0f} MiB" if liger_mib else "")
+        _target(out, "default fraction of the 4-product floor", shape, full.get("fraction_of_floor") if full else None,
+                FLOOR_FRACTION, True)
+        _target(out, "lean time / fastest Liger", shape, _ratio(lean, liger), LEAN_TIME_VS_LIGER, False, "x")
+        _target(out, "lean extra memory", shape, lean["peak_extra_mib"] if lean else None, LEAN_MIB, False, " MiB")
+    at = table.get(HEADLINE, {})
+    _target(out, "sampled time / full time", HEADLINE, _ratio(at.get(SAMPLED), at.get(DEFAULT)), 1.0, False, "x")
+    by_provider = {r["provider"]: r for r in accuracy}
+    liger_errors = ", ".join(f"{p}: dh {by_provider[p]['dh_error']:.2%} dW {by_provider[p]['dw_error']:.2%}"
+                             for p in LIGER if p in by_provider)
+    for name in (DEFAULT, LEAN):
+        row = by_provider.get(name)
+        shape = (row["n"], row["hidden"], row["vocab"]) if row else None
+        for grad in ("dh", "dw"):
+            _target(out, f"{name} {grad} error vs float64", shape, row[f"{grad}_error"] if row else None, GRAD_ERROR,
+                    False, "", liger_errors)
     return out
 
 
-def markdown(machine: dict, table: dict, goals: list[dict], unmeasured: list[dict], tests_summary: str) -> str:
+def markdown(machine: dict, table: dict, goals: list[dict], accuracy: list[dict], unmeasured: list[dict],
+             tests_summary: str) -> str:
     lines = [
         "# opsdl device report",
         "",
@@ -82,12 +117,18 @@ def markdown(machine: dict, table: dict, goals: list[dict], unmeasured: list[dic
         f"- Kernel tests (compiled Triton on a GPU; interpreted in a CPU dry run): {tests_summary or 'not run'}",
     ]
     rate = next((r.get("matmul_tflops") for p in table.values() for r in p.values() if r.get("matmul_tflops")), None)
-    lines += [f"- Measured bf16 matmul rate: {_fmt(rate)} TFLOP/s (the floor's yardstick)", ""]
-    lines += ["## Targets (N=8192, H=4096, V=128256, bf16)", "", "| target | measured | bound | met |", "|---|---|---|---|"]
+    lines += [f"- Measured bf16 matmul rate (warm, median): {_fmt(rate)} TFLOP/s (the floor's yardstick)", ""]
+    lines += ["## Targets", "", "| target | shape (N x H x V) | measured | bound | met | beside |", "|---|---|---|---|---|---|"]
     for g in goals:
         met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
-        lines.append(f"| {g['target']} | {_fmt(g['value'], 3)}{g['unit'] if g['value'] is not None else ''} "
-                     f"| {g['bound']}{g['unit']} | {met} |")
+        value = "-" if g["value"] is None else f"{g['value']:.3f}{g['unit']}"
+        lines.append(f"| {g['target']} | {g['shape']} | {value} | {g['bound']}{g['unit']} | {met} | {g['beside']} |")
+    if accuracy:
+        lines += ["", "## Gradient error against float64 (relative Frobenius norm)", "",
+                  "| provider | shape | dtype | estimator | loss | dh | dW |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(accuracy, key=lambda r: r["provider"]):
+            lines.append(f"| {r['provider']} | {r['n']}x{r['hidden']}x{r['vocab']} | {r['dtype']} | {r['estimator']} "
+                         f"| {r['loss_error']:.2e} | {r['dh_error']:.2%} | {r['dw_error']:.2%} |")
     lines += ["", "## Every measurement (forward + backward, median)", ""]
     for (n, h, v), providers in table.items():
         liger = fastest_liger(providers)
@@ -148,25 +189,25 @@ def plot(table: dict, path: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark_json", type=Path)
+    parser.add_argument("benchmark_json", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--unmeasured", type=Path)
+    parser.add_argument("--unmeasured", type=Path, nargs="*", default=[])
     parser.add_argument("--tests-log", type=Path)
     args = parser.parse_args(argv)
-    machine, rows = load_rows(args.benchmark_json)
+    machine, rows, accuracy = load_rows([p for p in args.benchmark_json if p.exists()])
     if not rows:
-        parser.error(f"{args.benchmark_json}: no benchmark rows with extra_info")
-    unmeasured = json.loads(args.unmeasured.read_text()) if args.unmeasured and args.unmeasured.exists() else []
+        parser.error(f"{' '.join(map(str, args.benchmark_json))}: no benchmark rows with extra_info")
+    unmeasured = [u for p in args.unmeasured if p.exists() for u in json.loads(p.read_text())]
     tests_summary = ""
     if args.tests_log and args.tests_log.exists():
         summary = [ln for ln in args.tests_log.read_text().splitlines() if " passed" in ln or " failed" in ln]
         tests_summary = summary[-1].strip("= ") if summary else "no summary line (see tests.log)"
     table = _by_shape(rows)
-    goals = targets(table)
+    goals = targets(table, accuracy)
     args.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.out / "report.md", markdown(machine, table, goals, unmeasured, tests_summary))
+    _atomic_write(args.out / "report.md", markdown(machine, table, goals, accuracy, unmeasured, tests_summary))
     _atomic_write(args.out / "results.json", json.dumps(
-        {"machine": machine, "kernel_tests": tests_summary, "targets": goals, "rows": rows,
+        {"machine": machine, "kernel_tests": tests_summary, "targets": goals, "rows": rows, "accuracy": accuracy,
          "unmeasured": unmeasured}, indent=1))
     plot(table, args.out / "plot.png")
     print(f"wrote {args.out}/report.md, results.json, plot.png")

@@ -5,21 +5,24 @@ On CUDA: the GPU grid in bf16, with peak extra memory, TFLOP/s and the fraction 
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from .conftest import DEVICE, UNMEASURED
 from .measure import peak_extra_bytes, step
-from .problems import CPU_SHAPES, GPU_SHAPES, floor_flops, make_problem
+from .problems import CPU_SHAPES, GPU_SHAPES, floor_flops, make_problem, select
 from .providers import PROVIDERS
 
-SHAPES = GPU_SHAPES if DEVICE == "cuda" else CPU_SHAPES
+SHAPES = select(GPU_SHAPES if DEVICE == "cuda" else CPU_SHAPES, os.environ.get("OPSDL_BENCH_SHAPES", "all"))
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 ROUNDS = 3 if DEVICE == "cuda" else 2
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+# shape outermost: every provider at one shape before the next shape
 @pytest.mark.parametrize("name", list(PROVIDERS))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_backward(benchmark, name, shape, matmul_tflops):
     provider = PROVIDERS[name]
     if DEVICE not in provider.devices:

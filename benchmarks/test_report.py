@@ -1,4 +1,4 @@
-"""The report's arithmetic: target checks, ratios, files written."""
+"""The report's arithmetic: target checks, ratios, several input files, files written."""
 from __future__ import annotations
 
 import json
@@ -12,27 +12,47 @@ def _row(provider, n, h, v, ms, mib, fraction=None):
                            "fraction_of_floor": fraction, "tflops": None, "matmul_tflops": 790.0}}
 
 
+def _accuracy(provider, dh, dw):
+    return {"extra_info": {"kind": "accuracy", "provider": provider, "n": 2048, "hidden": 4096, "vocab": 128256,
+                           "dtype": "bfloat16", "device": "cuda", "estimator": "full", "loss_error": 1e-6,
+                           "dh_error": dh, "dw_error": dw}}
+
+
 def test_report_checks_targets_and_writes_files(tmp_path):
-    rows = [
-        _row("opsdl_triton_full", 8192, 4096, 128256, 90.0, 40.0, 0.6),
-        _row("opsdl_triton_sampled", 8192, 4096, 128256, 60.0, 30.0),
-        _row("liger_fused_linear_jsd", 8192, 4096, 128256, 100.0, 3000.0),
-        _row("liger_jsd_loss_chunked", 8192, 4096, 128256, 120.0, 2500.0),
-        _row("opsdl_triton_full", 8192, 4096, 32768, 30.0, 35.0, 0.5),
-        _row("opsdl_triton_full", 1024, 4096, 128256, 20.0, 10.0, 0.4),
+    headline = [
+        _row("opsdl_fast", 8192, 4096, 128256, 54.0, 1002.0, 0.85),
+        _row("opsdl_fast_sampled", 8192, 4096, 128256, 53.0, 1002.0),
+        _row("opsdl_lean", 8192, 4096, 128256, 95.0, 240.0),
+        _row("liger_fused_linear_jsd", 8192, 4096, 128256, 101.0, 1127.0),
+        _row("liger_jsd_loss_chunked", 8192, 4096, 128256, 66.0, 1253.0),
+        _accuracy("opsdl_fast", 0.0023, 0.0031),
+        _accuracy("liger_fused_linear_jsd", 0.022, 0.03),
     ]
-    bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({"machine_info": {"gpu": "Test GPU"}, "benchmarks": rows}))
+    rest = [_row("opsdl_fast", 8192, 4096, 32768, 30.0, 900.0, 0.5),
+            _row("liger_jsd_loss_chunked", 8192, 4096, 32768, 20.0, 1100.0),
+            _row("opsdl_lean", 8192, 4096, 32768, 25.0, 300.0)]
+    for name, rows in (("a.json", headline), ("b.json", rest)):
+        (tmp_path / name).write_text(json.dumps({"machine_info": {"gpu": "Test GPU"}, "benchmarks": rows}))
     (tmp_path / "tests.log").write_text("....\n===== 140 passed, 2 skipped in 50.0s =====\n")
-    assert main([str(bench), "--out", str(tmp_path / "out"), "--tests-log", str(tmp_path / "tests.log")]) == 0
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "out"),
+                 "--tests-log", str(tmp_path / "tests.log")]) == 0
 
     result = json.loads((tmp_path / "out" / "results.json").read_text())
-    goals = {g["target"].split(" in ")[0]: g for g in result["targets"]}
-    assert abs(goals["full time / fastest Liger time"]["value"] - 0.9) < 1e-12 and goals["full time / fastest Liger time"]["met"]
-    assert goals["full fraction of the floor"]["met"] is False  # 0.6 < 0.7
-    assert abs(goals["sampled time / full time"]["value"] - 60 / 90) < 1e-12 and goals["sampled time / full time"]["met"]
-    assert goals["full extra memory"]["met"] is True
-    assert goals["full extra memory spread over V"]["value"] == 5.0
+    goals = {(g["target"], g["shape"]): g for g in result["targets"]}
+    head, v32 = "8192x4096x128256", "8192x4096x32768"
+    speed = goals[("default time / fastest Liger", head)]
+    assert abs(speed["value"] - 54 / 66) < 1e-12 and speed["met"] and "liger_jsd_loss_chunked" in speed["beside"]
+    assert abs(goals[("default extra memory / Liger's", head)]["value"] - 1002 / 1127) < 1e-12
+    assert goals[("default fraction of the 4-product floor", head)]["met"] is True
+    assert goals[("lean time / fastest Liger", head)]["met"] is False  # 95 / 66 > 1.4
+    assert goals[("lean extra memory", head)]["met"] is True
+    assert goals[("sampled time / full time", head)]["met"] is True
+    assert goals[("default time / fastest Liger", v32)]["met"] is False and goals[("lean extra memory", v32)]["met"] is False
+    assert goals[("default fraction of the 4-product floor", "8192x4096x256000")]["met"] is None  # not measured
+    dh = goals[("opsdl_fast dh error vs float64", "2048x4096x128256")]
+    assert dh["met"] and "dh 2.20%" in dh["beside"]
+    assert goals[("opsdl_lean dh error vs float64", "")]["met"] is None
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "Test GPU" in md and "140 passed, 2 skipped" in md and "| opsdl_triton_full | 90.00 | 40.0 |" in md
+    assert "Test GPU" in md and "140 passed, 2 skipped" in md and "| opsdl_fast | 54.00 | 1002.0 |" in md
+    assert "| liger_fused_linear_jsd | 2048x4096x128256 | bfloat16 | full | 1.00e-06 | 2.20% | 3.00% |" in md
     assert (tmp_path / "out" / "plot.png").stat().st_size > 1000

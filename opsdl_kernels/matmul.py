@@ -18,11 +18,13 @@ from torch import Tensor
 
 @functools.lru_cache(maxsize=None)
 def has_fp32_output(device_type: str) -> bool:
-    """Whether ``mm`` and ``addmm`` take ``out_dtype=torch.float32`` for 16-bit operands here."""
+    """Whether ``mm`` and ``addmm`` take ``out_dtype=torch.float32`` for 16-bit operands here, in
+    the forms used below (into a given fp32 output, and accumulating into it)."""
     try:
-        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
-        torch.mm(a, a, out_dtype=torch.float32)
-        torch.addmm(torch.zeros(2, 2, device=device_type), a, a, out_dtype=torch.float32)
+        a = torch.ones(8, 8, dtype=torch.bfloat16, device=device_type)
+        out = torch.empty(8, 8, dtype=torch.float32, device=device_type)
+        torch.mm(a, a.t(), out_dtype=torch.float32, out=out)
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
         return True
     except (RuntimeError, TypeError, NotImplementedError):
         return False
