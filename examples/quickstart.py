@@ -1,6 +1,6 @@
 """Quickstart: OPSDL's per-token reverse KL on one batch, fused vs. the naive materialised version.
 
-Runs anywhere (Triton on CUDA, the chunked PyTorch implementation elsewhere):
+Runs anywhere (Triton on CUDA, the PyTorch implementation elsewhere):
     python examples/quickstart.py
 """
 import time

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..paths import Operands
 from ..state import P, RUNNING, finalize, merge_splits
 from .configs import FORWARD_CONFIGS, VOCAB_SPLIT_ALIGN, all_configs, interpreting, prune_for_device
-from .tiles import cap_and_scale, project_pair_tile, project_tile
+from .tiles import cap_and_scale, online_update, project_pair_tile, project_tile
 
 # Planes of the (plane, split, row) state buffer: the running planes of opsdl_kernels.state.
 M_S, L_S, M_T, L_T, ACC_R, ACC_F, S_Y, T_Y = (tl.constexpr(P[name]) for name in RUNNING)
@@ -47,10 +47,11 @@ def kl_forward_fn(
     split = tl.program_id(1).to(tl.int64)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
+    y = tl.full((BLOCK_M,), -1, tl.int64)
     if y_ptr is not None:
         y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
-        s_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        t_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_s = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_t = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -80,33 +81,14 @@ def kl_forward_fn(
         if b_ptr is not None:
             zs += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         s = cap_and_scale(zs, inv_temperature, softcap)
+        t = s
         if g_ptr is not None:
             if c_ptr is not None:
                 zt += tl.load(c_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             t = cap_and_scale(zt, inv_temperature, softcap)
-            diff = s - t  # finite on padded columns too; their weights e_s, e_t below are 0
-            t = tl.where(col_mask[None, :], t, float("-inf"))
-        s = tl.where(col_mask[None, :], s, float("-inf"))
-        m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-        alpha_s = tl.exp(m_s - m_s_new)
-        e_s = tl.exp(s - m_s_new[:, None])
-        l_s = l_s * alpha_s + tl.sum(e_s, axis=1)
-        m_s = m_s_new
-        if y_ptr is not None:
-            is_y = cols[None, :] == y[:, None]
-            s_y += tl.sum(tl.where(is_y, s, 0.0), axis=1)
-        if g_ptr is not None:
-            m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-            alpha_t = tl.exp(m_t - m_t_new)
-            e_t = tl.exp(t - m_t_new[:, None])
-            l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-            m_t = m_t_new
-            if ACC_REVERSE:
-                acc_r = acc_r * alpha_s + tl.sum(e_s * diff, axis=1)
-            if ACC_FORWARD:
-                acc_f = acc_f * alpha_t - tl.sum(e_t * diff, axis=1)
-            if y_ptr is not None:
-                t_y += tl.sum(tl.where(is_y, t, 0.0), axis=1)
+        m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y = online_update(
+            s, t, col_mask, cols[None, :] == y[:, None], m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y,
+            g_ptr is not None, ACC_REVERSE, ACC_FORWARD, y_ptr is not None)
 
     # plane_stride (splits x N) comes from the host: an integer argument equal to 1 is specialised
     # to a constant at launch, so no method may be called on it here.

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..state import P, LossSpec
 from .configs import row_launch
-from .tiles import cap_and_scale
+from .tiles import cap_and_scale, online_update
 
 M_S, L_S, M_T, L_T, ACC_R, ACC_F, S_Y, T_Y, LSE_S, LSE_T, KL_R, KL_F, LOGP_Y, LOGQ_Y = (
     tl.constexpr(P[name]) for name in ("m_s", "l_s", "m_t", "l_t", "acc_r", "acc_f", "s_y", "t_y",
@@ -97,28 +97,12 @@ def logit_rows_kernel(
             col_mask = cols < width
             mask = row_mask[:, None] & col_mask[None, :]
             s = _logits(zs_rows, bias_ptr, cols, col_mask, mask, inv_temperature, softcap)
-            is_y = cols[None, :] == y[:, None]
-            s_y += tl.sum(tl.where(is_y, s, 0.0), axis=1)
+            t = s
             if zt_ptr is not None:
                 t = _logits(zt_rows, teacher_bias_ptr, cols, col_mask, mask, inv_temperature, softcap)
-                t_y += tl.sum(tl.where(is_y, t, 0.0), axis=1)
-                diff = s - t  # finite on padded columns too; their weights below are 0
-                t = tl.where(col_mask[None, :], t, float("-inf"))
-                m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-                alpha_t = tl.exp(m_t - m_t_new)
-                e_t = tl.exp(t - m_t_new[:, None])
-                l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-                if MIX_FORWARD:
-                    acc_f = acc_f * alpha_t - tl.sum(e_t * diff, axis=1)
-                m_t = m_t_new
-            s = tl.where(col_mask[None, :], s, float("-inf"))
-            m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-            alpha_s = tl.exp(m_s - m_s_new)
-            e_s = tl.exp(s - m_s_new[:, None])
-            l_s = l_s * alpha_s + tl.sum(e_s, axis=1)
-            if zt_ptr is not None:
-                acc_r = acc_r * alpha_s + tl.sum(e_s * diff, axis=1)
-            m_s = m_s_new
+            m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y = online_update(
+                s, t, col_mask, cols[None, :] == y[:, None], m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y,
+                zt_ptr is not None, True, MIX_FORWARD, targets_ptr is not None)
         if LAST:
             lse_s = m_s + tl.log(l_s)
             logp_y = s_y - lse_s

@@ -59,3 +59,41 @@ def cap_and_scale(z, inv_temperature, softcap):
         th = (1.0 - e) / (1.0 + e)
         z = softcap * tl.where(z < 0, -th, th)
     return z * inv_temperature
+
+
+@triton.jit
+def online_update(
+    s, t, col_mask, is_y, m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y,
+    TEACHER: tl.constexpr, ACC_REVERSE: tl.constexpr, ACC_FORWARD: tl.constexpr, TARGETS: tl.constexpr,
+):
+    """Merge a (rows, columns) tile of logits s (and t, with TEACHER) into the per-row online state
+    of ``opsdl_kernels.state``; columns outside ``col_mask`` count for nothing, and ``is_y`` marks
+    each row's target column (TARGETS). With m the running max, per row:
+        l <- l e^(m_old - m) + sum_v e^(x_v - m)                          (x = s, t)
+        acc_r <- acc_r e^(m_s,old - m_s) + sum_v e^(s_v - m_s) (s_v - t_v)  (ACC_REVERSE)
+        acc_f <- acc_f e^(m_t,old - m_t) + sum_v e^(t_v - m_t) (t_v - s_v)  (ACC_FORWARD)
+        s_y, t_y += s[y], t[y]                                          (TARGETS)
+    """
+    if TARGETS:
+        s_y += tl.sum(tl.where(is_y, s, 0.0), axis=1)
+    if TEACHER:
+        if TARGETS:
+            t_y += tl.sum(tl.where(is_y, t, 0.0), axis=1)
+        diff = s - t  # finite on padded columns too; their weights e_s, e_t below are 0
+        t = tl.where(col_mask[None, :], t, float("-inf"))
+        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+        alpha_t = tl.exp(m_t - m_t_new)
+        e_t = tl.exp(t - m_t_new[:, None])
+        l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
+        if ACC_FORWARD:
+            acc_f = acc_f * alpha_t - tl.sum(e_t * diff, axis=1)
+        m_t = m_t_new
+    s = tl.where(col_mask[None, :], s, float("-inf"))
+    m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+    alpha_s = tl.exp(m_s - m_s_new)
+    e_s = tl.exp(s - m_s_new[:, None])
+    l_s = l_s * alpha_s + tl.sum(e_s, axis=1)
+    if TEACHER:
+        if ACC_REVERSE:
+            acc_r = acc_r * alpha_s + tl.sum(e_s * diff, axis=1)
+    return m_s_new, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y

@@ -134,3 +134,22 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERR impl='triton' cannot run here" in out.stdout and "AUTO True" in out.stdout
+
+
+@pytest.mark.parametrize("pin", ["0", "1"])
+def test_autotune_pruning_on_a_gpu_and_pinning(pin, monkeypatch):
+    """What the prune hook returns on a GPU (the interpreter skips it): the configs listed for the
+    card's generation that fit its shared memory, only the first with OPSDL_PIN_CONFIG=1 (the GPU
+    test mode), the fallback when none fits."""
+    from opsdl_kernels.triton import configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "generation", lambda device: gen)
+    monkeypatch.setattr(configs.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("OPSDL_PIN_CONFIG", pin)
+    prune = configs.prune_for_device(FORWARD_CONFIGS)
+    for gen, element in (("hopper", torch.bfloat16), ("ampere_small", torch.float32)):
+        kept = prune(configs.all_configs(FORWARD_CONFIGS), {"h_ptr": torch.empty(1, dtype=element)})
+        fitting = [c for c in FORWARD_CONFIGS[gen]
+                   if shared_memory_bytes(c, torch.empty(0, dtype=element).element_size()) <= SHARED_MEMORY_LIMIT[gen]]
+        assert kept == ((fitting[:1] if pin == "1" else fitting) or [FALLBACK_CONFIG]), (gen, kept)
