@@ -26,13 +26,16 @@ if [ "$dry_run" = 0 ] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda
     exit 2
 fi
 
-if ! "$py" -c "import liger_kernel" 2>/dev/null; then
+# liger-kernel (the peers) and pytest-xdist + execnet (the kernel tests in parallel processes: each
+# new kernel variant is a compile, about 150 of them) come from wheels carried in .whl/ when missing.
+if ! "$py" -c "import liger_kernel, xdist" 2>/dev/null; then
     if ls .whl/*.whl >/dev/null 2>&1; then
-        echo "device_check: installing liger-kernel from .whl/"
+        echo "device_check: installing $(ls .whl | tr '\n' ' ')from .whl/"
         "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/opsdl-site .whl/*.whl \
             && export PYTHONPATH="/tmp/opsdl-site${PYTHONPATH:+:$PYTHONPATH}"
     else
-        echo "device_check: liger-kernel is missing and .whl/ holds no wheels: Liger providers will be reported as unmeasured"
+        echo "device_check: liger-kernel or pytest-xdist is missing and .whl/ holds no wheels: Liger providers will be"
+        echo "device_check: reported as unmeasured, and the kernel tests run in one process"
     fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -43,6 +46,9 @@ if [ "$dry_run" = 1 ]; then
 else
     export OPSDL_TEST_DEVICE=cuda TRITON_INTERPRET=0
     test_cmd=("$py" -m pytest tests/kernels tests/trainer/test_packing.py -q -p no:cacheprovider --durations=10)
+    if "$py" -c "import xdist" 2>/dev/null; then
+        test_cmd+=(-n 8)
+    fi
 fi
 bench=("$py" -m pytest -q -p no:cacheprovider)
 

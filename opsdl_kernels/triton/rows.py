@@ -9,6 +9,7 @@ atomics, each row owned by one program, so the result is deterministic.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import triton
@@ -40,22 +41,34 @@ def _load_plane(st, plane, stride, row_mask):
     return tl.load(st + plane * stride, mask=row_mask, other=0.0)
 
 
-@triton.jit
+# Arguments a launch need not specialise on (equal to 1, or divisible by 16): they index per-row
+# scalars or select a branch, so a specialisation would only add compiles (the GPU test run counts
+# them). Widths, strides and the logits/gradient/bias pointers stay specialised: their divisibility
+# is what lets the row loads and stores vectorise.
+_GENERIC = ["n_rows", "v0", "state_stride", "first", "last"]
+_GENERIC_ALIGNMENT = _GENERIC + ["state_ptr", "targets_ptr", "coef_ptr"]
+_JIT_OPTIONS = ({"do_not_specialize": _GENERIC, "do_not_specialize_on_alignment": _GENERIC_ALIGNMENT}
+                if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+                else {"do_not_specialize": _GENERIC_ALIGNMENT})
+
+
+@triton.jit(**_JIT_OPTIONS)
 def logit_rows_kernel(
     zs_ptr, zt_ptr, grad_ptr, bias_ptr, teacher_bias_ptr, targets_ptr, coef_ptr, state_ptr,
-    n_rows, width, v0, state_stride, zs_stride, zt_stride, grad_stride,
+    n_rows, width, v0, state_stride, zs_stride, zt_stride, grad_stride, first, last,
     inv_temperature, softcap, reverse_weight,
-    KIND: tl.constexpr, MIX_FORWARD: tl.constexpr,
-    UPDATE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    KIND: tl.constexpr, MIX_FORWARD: tl.constexpr, UPDATE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Rows r of the block, columns v0 .. v0 + width of the vocabulary, s = cap(zs + b)/tau and
     t = cap(zt + c)/tau (``zt_ptr`` None: no teacher); BLOCK_R rows per program (1 on a GPU):
 
-    UPDATE: m_s <- max(m_s, max s), l_s <- l_s e^(m_old - m_s) + sum e^(s - m_s),
-            acc_r <- acc_r e^(m_old - m_s) + sum e^(s - m_s) (s - t), likewise m_t, l_t, acc_f;
-            s_y, t_y += the target's logits when its column is here. LAST: lse_s = m_s + log l_s,
-            lse_t, kl_r = acc_r / l_s - lse_s + lse_t, kl_f, logp_y = s_y - lse_s, logq_y.
+    UPDATE: from the stored state (a fresh one when ``first``), m_s <- max(m_s, max s),
+            l_s <- l_s e^(m_old - m_s) + sum e^(s - m_s), acc_r <- acc_r e^(m_old - m_s) +
+            sum e^(s - m_s) (s - t), likewise m_t, l_t, acc_f; s_y, t_y += the target's logits when
+            its column is here. Stores the running state, or when ``last`` the finals:
+            lse_s = m_s + log l_s, lse_t, kl_r = acc_r / l_s - lse_s + lse_t, kl_f,
+            logp_y = s_y - lse_s, logq_y. (A gradient after an update needs ``last``.)
     grad:   G = c_r / tau * cap'(z) * D,  c_r = coef[r] (times logp_y - logq_y when sampled),
             D = rw p (log p - log q - kl_r) + (1 - rw)(p - q)     (kl)
             D = onehot(y) - p                                    (sampled, logprob)
@@ -74,7 +87,7 @@ def logit_rows_kernel(
         y = tl.load(targets_ptr + rows, mask=row_mask, other=-1) - v0
 
     if UPDATE:
-        if FIRST:
+        if first:
             m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
             m_t = tl.full((BLOCK_R,), float("-inf"), tl.float32)
             l_s = tl.zeros((BLOCK_R,), tl.float32)
@@ -103,15 +116,16 @@ def logit_rows_kernel(
             m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y = online_update(
                 s, t, col_mask, cols[None, :] == y[:, None], m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y,
                 zt_ptr is not None, True, MIX_FORWARD, targets_ptr is not None)
-        if LAST:
-            lse_s = m_s + tl.log(l_s)
-            logp_y = s_y - lse_s
+        lse_s = m_s + tl.log(l_s)
+        logp_y = s_y - lse_s
+        if zt_ptr is not None:
+            lse_t = m_t + tl.log(l_t)
+            kl_r = acc_r / l_s - lse_s + lse_t
+            logq_y = t_y - lse_t
+        if last:
             tl.store(st + LSE_S * state_stride, lse_s, mask=row_mask)
             tl.store(st + LOGP_Y * state_stride, logp_y, mask=row_mask)
             if zt_ptr is not None:
-                lse_t = m_t + tl.log(l_t)
-                logq_y = t_y - lse_t
-                kl_r = acc_r / l_s - lse_s + lse_t
                 tl.store(st + LSE_T * state_stride, lse_t, mask=row_mask)
                 tl.store(st + LOGQ_Y * state_stride, logq_y, mask=row_mask)
                 tl.store(st + KL_R * state_stride, kl_r, mask=row_mask)
@@ -127,7 +141,7 @@ def logit_rows_kernel(
             tl.store(st + T_Y * state_stride, t_y, mask=row_mask)
 
     if grad_ptr is not None:
-        if not (UPDATE and LAST):
+        if not UPDATE:
             lse_s = _load_plane(st, LSE_S, state_stride, row_mask)
             lse_t = _load_plane(st, LSE_T, state_stride, row_mask)
             kl_r = _load_plane(st, KL_R, state_stride, row_mask)
@@ -179,6 +193,7 @@ def logit_rows(
         n_rows=n_rows, width=width, v0=v0, state_stride=state.stride(0), zs_stride=zs.stride(0),
         zt_stride=0 if zt is None else zt.stride(0), grad_stride=0 if grad is None else grad.stride(0),
         inv_temperature=1.0 / spec.temperature, softcap=spec.softcap, reverse_weight=spec.reverse_weight,
-        KIND=KIND_CODE[spec.kind], MIX_FORWARD=spec.mixes_forward, UPDATE=update, FIRST=first, LAST=last,
+        first=int(first), last=int(last),
+        KIND=KIND_CODE[spec.kind], MIX_FORWARD=spec.mixes_forward, UPDATE=update,
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
     )

@@ -15,8 +15,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 ARCH = {"hopper": 90, "ampere": 80, "ampere_small": 86}
-INTS = {"N", "V", "H", "HT", "split_size", "plane_stride", "width", "v0", "state_stride", "zs_stride",
-        "zt_stride", "grad_stride"}
+INTS = {"N", "V", "H", "HT", "split_size", "plane_stride", "n_rows", "width", "v0", "state_stride", "zs_stride",
+        "zt_stride", "grad_stride", "first", "last"}
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
@@ -62,12 +62,12 @@ def _row_variants():
     cfg = triton.Config({"BLOCK_R": ROW_ROWS, "BLOCK_V": ROW_BLOCK}, num_warps=ROW_WARPS, num_stages=1)
     pointers = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "grad_ptr": "*bf16", "bias_ptr": "*bf16",
                 "teacher_bias_ptr": "*bf16", "targets_ptr": "*i64", "coef_ptr": "*fp32", "state_ptr": "*fp32"}
-    fast = dict(KIND=0, MIX_FORWARD=True, UPDATE=True, FIRST=True, LAST=True)
+    fast = dict(KIND=0, MIX_FORWARD=True, UPDATE=True)
     variants = {
         "fast_kl": fast,
         "fast_sampled": {**fast, "KIND": 1, "MIX_FORWARD": False, "softcap": None},
         "fast_logprob": {**fast, "KIND": 2, "MIX_FORWARD": False, "zt_ptr": None, "teacher_bias_ptr": None},
-        "lean_forward_middle_slab": {**fast, "FIRST": False, "LAST": False, "grad_ptr": None, "coef_ptr": None},
+        "lean_forward": {**fast, "grad_ptr": None, "coef_ptr": None},
         "lean_backward_kl": {**fast, "UPDATE": False},
         "lean_backward_sampled": {**fast, "KIND": 1, "MIX_FORWARD": False, "UPDATE": False, "zt_ptr": None,
                                   "teacher_bias_ptr": None},
@@ -100,7 +100,7 @@ def _compile(job) -> dict:
     signature = _signature(fn, pointers, constexprs)
     # Real vocabularies (32000, 49152, 128256, 151936, 152064, 256000) and our slabs are multiples of
     # 16 columns, so a launch marks the row kernel's width divisible by 16 and its loads vectorise.
-    plain = {"N", "V", "v0"} | ({"width"} if variant == "odd_width" else set())
+    plain = {"N", "V", "n_rows", "v0", "first", "last"} | ({"width"} if variant == "odd_width" else set())
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if signature[name].startswith("*") or (signature[name] in ("i32", "i64") and name not in plain)}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
