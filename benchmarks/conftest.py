@@ -1,4 +1,4 @@
-"""Benchmark set-up: the device, the measured matmul rate, machine facts, and skip bookkeeping.
+"""Benchmark set-up: the device, the measured matmul rate, machine facts, and the results file.
 
 Without CUDA, Triton runs interpreted (only for the agreement checks; its timings would mean
 nothing, so Triton providers are not timed there).
@@ -18,8 +18,19 @@ import pytest  # noqa: E402
 
 from .measure import bf16_matmul_tflops  # noqa: E402
 
-# Cases that could not be measured (out of memory, provider missing): written out for the report.
-UNMEASURED: list[dict] = []
+
+
+def record(kind: str, info: dict) -> None:
+    """Append one result line to ``$OPSDL_BENCH_ROWS`` (JSON lines), at once: a run killed by a
+    time limit keeps everything measured before it. ``kind``: machine, timing, accuracy, unmeasured."""
+    path = os.environ.get("OPSDL_BENCH_ROWS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, **info}) + "\n")
+
+
+def unmeasured(provider: str, shape: str, reason: str) -> None:
+    record("unmeasured", {"provider": provider, "shape": shape, "reason": reason})
 
 
 @pytest.fixture(scope="session")
@@ -27,25 +38,25 @@ def matmul_tflops():
     return bf16_matmul_tflops() if DEVICE == "cuda" else None
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
+def describe_machine() -> dict:
     import triton
 
-    machine_info["torch"] = torch.__version__
-    machine_info["triton"] = triton.__version__
-    machine_info["python"] = platform.python_version()
+    info = {"torch": torch.__version__}
+    info["triton"] = triton.__version__
+    info["python"] = platform.python_version()
     try:
-        machine_info["liger_kernel"] = version("liger-kernel")
+        info["liger_kernel"] = version("liger-kernel")
     except PackageNotFoundError:
-        machine_info["liger_kernel"] = None
+        info["liger_kernel"] = None
     if DEVICE == "cuda":
         props = torch.cuda.get_device_properties(0)
-        machine_info["gpu"] = props.name
-        machine_info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        machine_info["cuda"] = torch.version.cuda
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
 
 
-def pytest_sessionfinish(session):
-    path = os.environ.get("OPSDL_BENCH_UNMEASURED")
-    if path:
-        with open(path, "w") as f:
-            json.dump(UNMEASURED, f, indent=1)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(describe_machine())
+
+
+def pytest_sessionstart(session):
+    record("machine", describe_machine())

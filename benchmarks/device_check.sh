@@ -51,22 +51,24 @@ else
     fi
 fi
 bench=("$py" -m pytest -q -p no:cacheprovider)
+# Every measurement is appended to rows.jsonl as it is made, so a step stopped by its time limit
+# keeps what it measured; the report reads that file.
+export OPSDL_BENCH_ROWS="$out/rows.jsonl"
+rm -f "$OPSDL_BENCH_ROWS"
 
-echo "device_check: [1/4] headline shape, every provider, and gradient error vs float64 -> $out/headline.json"
-OPSDL_BENCH_SHAPES=headline OPSDL_BENCH_UNMEASURED="$out/unmeasured-headline.json" timeout 180 "${bench[@]}" \
+echo "device_check: [1/4] headline shape, every provider, and gradient error vs float64 -> $out/headline.log"
+OPSDL_BENCH_SHAPES=headline timeout 180 "${bench[@]}" \
     benchmarks/test_providers_agree.py benchmarks/test_kl_speed_memory.py benchmarks/test_accuracy.py \
-    --benchmark-json="$out/headline.json" > "$out/headline.log" 2>&1
+    > "$out/headline.log" 2>&1
 echo "device_check: headline exit $? ($(grep -E ' passed| failed' "$out/headline.log" | tail -1))"
 
 echo "device_check: [2/4] kernel tests -> $out/tests.log"
 timeout 150 "${test_cmd[@]}" > "$out/tests.log" 2>&1
 echo "device_check: kernel tests exit $? ($(grep -E ' passed| failed' "$out/tests.log" | tail -1))"
 
-echo "device_check: [3/4] the rest of the grid -> $out/grid.json"
-OPSDL_BENCH_SHAPES=rest OPSDL_BENCH_UNMEASURED="$out/unmeasured-grid.json" timeout 240 "${bench[@]}" \
-    benchmarks/test_kl_speed_memory.py --benchmark-json="$out/grid.json" > "$out/grid.log" 2>&1
+echo "device_check: [3/4] the rest of the grid -> $out/grid.log"
+OPSDL_BENCH_SHAPES=rest timeout 240 "${bench[@]}" benchmarks/test_kl_speed_memory.py > "$out/grid.log" 2>&1
 echo "device_check: grid exit $? ($(grep -E ' passed| failed' "$out/grid.log" | tail -1))"
 
 echo "device_check: [4/4] report"
-"$py" -m benchmarks.report "$out/headline.json" "$out/grid.json" --out "$out" \
-    --unmeasured "$out/unmeasured-headline.json" "$out/unmeasured-grid.json" --tests-log "$out/tests.log"
+"$py" -m benchmarks.report "$out/rows.jsonl" --out "$out" --tests-log "$out/tests.log"

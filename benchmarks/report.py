@@ -1,6 +1,6 @@
-"""Turn pytest-benchmark JSON files into the device report: markdown, JSON and a PNG plot.
+"""Turn the benchmark runs' results files into the device report: markdown, JSON and a PNG plot.
 
-    python -m benchmarks.report BENCHMARK_JSON [...] --out DIR [--unmeasured FILE ...] [--tests-log FILE]
+    python -m benchmarks.report ROWS.jsonl [...] --out DIR [--tests-log FILE]
 """
 from __future__ import annotations
 
@@ -20,17 +20,16 @@ DEFAULT, SAMPLED, LEAN = "opsdl_fast", "opsdl_fast_sampled", "opsdl_lean"
 LEAN_MIB, TIME_VS_LIGER, LEAN_TIME_VS_LIGER, FLOOR_FRACTION, GRAD_ERROR = 256.0, 0.9, 1.4, 0.8, 0.005
 
 
-def load_rows(benchmark_jsons: list[Path]) -> tuple[dict, list[dict], list[dict]]:
-    """(machine info, timing rows, accuracy rows) from one or more pytest-benchmark JSON files."""
-    machine, timings, accuracy = {}, [], []
-    for path in benchmark_jsons:
-        data = json.loads(path.read_text())
-        machine = machine or data.get("machine_info", {})
-        for b in data["benchmarks"]:
-            info = b.get("extra_info", {})
-            if "provider" in info:
-                (accuracy if info.get("kind") == "accuracy" else timings).append(info)
-    return machine, timings, accuracy
+def load_rows(rows_files: list[Path]) -> dict[str, list[dict]]:
+    """The lines of the results files (``$OPSDL_BENCH_ROWS`` of the benchmark runs), by kind:
+    machine, timing, accuracy, unmeasured."""
+    kinds: dict[str, list[dict]] = defaultdict(list)
+    for path in rows_files:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                kinds[row.pop("kind")].append(row)
+    return kinds
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -87,7 +86,7 @@ def targets(table: dict, accuracy: list[dict]) -> list[dict]:
         liger_mib = leanest_liger_mib(at)
         _target(out, "default extra memory / Liger's", shape,
                 full["peak_extra_mib"] / liger_mib if full and liger_mib and full["peak_extra_mib"] is not None else None,
-                1.0, False, "x", f"Liger: {liger_mib:.0f} MiB" if liger_mib else "")
+                1.0, False, "x", f"Liger (the leaner of its two): {liger_mib:.0f} MiB" if liger_mib else "")
         _target(out, "default fraction of the 4-product floor", shape, full.get("fraction_of_floor") if full else None,
                 FLOOR_FRACTION, True)
         _target(out, "lean time / fastest Liger", shape, _ratio(lean, liger), LEAN_TIME_VS_LIGER, False, "x")
@@ -97,7 +96,7 @@ def targets(table: dict, accuracy: list[dict]) -> list[dict]:
     by_provider = {r["provider"]: r for r in accuracy}
     liger_errors = ", ".join(f"{p}: dh {by_provider[p]['dh_error']:.2%} dW {by_provider[p]['dw_error']:.2%}"
                              for p in LIGER if p in by_provider)
-    for name in (DEFAULT, LEAN):
+    for name in (DEFAULT, f"{DEFAULT}_8_chunks", LEAN):
         row = by_provider.get(name)
         shape = (row["n"], row["hidden"], row["vocab"]) if row else None
         for grad in ("dh", "dw"):
@@ -189,28 +188,29 @@ def plot(table: dict, path: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark_json", type=Path, nargs="+")
+    parser.add_argument("rows", type=Path, nargs="+", help="results files (JSON lines) of benchmark runs")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--unmeasured", type=Path, nargs="*", default=[])
     parser.add_argument("--tests-log", type=Path)
     args = parser.parse_args(argv)
-    machine, rows, accuracy = load_rows([p for p in args.benchmark_json if p.exists()])
-    if not rows:
-        parser.error(f"{' '.join(map(str, args.benchmark_json))}: no benchmark rows with extra_info")
-    unmeasured = [u for p in args.unmeasured if p.exists() for u in json.loads(p.read_text())]
+    kinds = load_rows([p for p in args.rows if p.exists()])
+    if not kinds["timing"] and not kinds["accuracy"]:
+        parser.error(f"{' '.join(map(str, args.rows))}: no timing or accuracy rows")
+    machine = kinds["machine"][0] if kinds["machine"] else {}
     tests_summary = ""
     if args.tests_log and args.tests_log.exists():
         summary = [ln for ln in args.tests_log.read_text().splitlines() if " passed" in ln or " failed" in ln]
         tests_summary = summary[-1].strip("= ") if summary else "no summary line (see tests.log)"
-    table = _by_shape(rows)
-    goals = targets(table, accuracy)
+    table = _by_shape(kinds["timing"])
+    goals = targets(table, kinds["accuracy"])
     args.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.out / "report.md", markdown(machine, table, goals, accuracy, unmeasured, tests_summary))
+    _atomic_write(args.out / "report.md", markdown(machine, table, goals, kinds["accuracy"], kinds["unmeasured"],
+                                                  tests_summary))
     _atomic_write(args.out / "results.json", json.dumps(
-        {"machine": machine, "kernel_tests": tests_summary, "targets": goals, "rows": rows, "accuracy": accuracy,
-         "unmeasured": unmeasured}, indent=1))
-    plot(table, args.out / "plot.png")
-    print(f"wrote {args.out}/report.md, results.json, plot.png")
+        {"machine": machine, "kernel_tests": tests_summary, "targets": goals, "rows": kinds["timing"],
+         "accuracy": kinds["accuracy"], "unmeasured": kinds["unmeasured"]}, indent=1))
+    if table:
+        plot(table, args.out / "plot.png")
+    print(f"wrote {args.out}/report.md, results.json{', plot.png' if table else ''}")
     return 0
 
 

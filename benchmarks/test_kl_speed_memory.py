@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from .conftest import DEVICE, UNMEASURED
+from .conftest import DEVICE, record, unmeasured
 from .measure import peak_extra_bytes, step
 from .problems import CPU_SHAPES, GPU_SHAPES, floor_flops, make_problem, select
 from .providers import PROVIDERS
@@ -28,7 +28,7 @@ def test_forward_backward(benchmark, name, shape, matmul_tflops):
     if DEVICE not in provider.devices:
         pytest.skip(f"{name} is not timed on {DEVICE}")
     if not provider.available():
-        UNMEASURED.append({"provider": name, "shape": str(shape), "reason": f"{provider.requires} missing"})
+        unmeasured(name, str(shape), f"{provider.requires} missing")
         pytest.skip(f"{provider.requires} is not installed")
     benchmark.group = str(shape)
     problem = make_problem(shape, DTYPE, DEVICE)
@@ -37,7 +37,7 @@ def test_forward_backward(benchmark, name, shape, matmul_tflops):
         loss = benchmark.pedantic(step, args=(provider.loss, problem, DEVICE), rounds=ROUNDS,
                                   warmup_rounds=1, iterations=1)
     except torch.OutOfMemoryError:
-        UNMEASURED.append({"provider": name, "shape": str(shape), "reason": "out of memory"})
+        unmeasured(name, str(shape), "out of memory")
         del problem
         torch.cuda.empty_cache()
         pytest.skip("out of memory")
@@ -53,3 +53,4 @@ def test_forward_backward(benchmark, name, shape, matmul_tflops):
                     floor_ms=flops / (matmul_tflops * 1e12) * 1e3,
                     fraction_of_floor=flops / (matmul_tflops * 1e12) / seconds)
     benchmark.extra_info.update(info)
+    record("timing", info)

@@ -7,15 +7,15 @@ from .report import main
 
 
 def _row(provider, n, h, v, ms, mib, fraction=None):
-    return {"extra_info": {"provider": provider, "n": n, "hidden": h, "vocab": v, "dtype": "bfloat16",
-                           "device": "cuda", "loss": 0.5, "median_ms": ms, "peak_extra_mib": mib,
-                           "fraction_of_floor": fraction, "tflops": None, "matmul_tflops": 790.0}}
+    return {"kind": "timing", "provider": provider, "n": n, "hidden": h, "vocab": v, "dtype": "bfloat16",
+            "device": "cuda", "loss": 0.5, "median_ms": ms, "peak_extra_mib": mib, "fraction_of_floor": fraction,
+            "tflops": None, "matmul_tflops": 790.0}
 
 
 def _accuracy(provider, dh, dw):
-    return {"extra_info": {"kind": "accuracy", "provider": provider, "n": 2048, "hidden": 4096, "vocab": 128256,
-                           "dtype": "bfloat16", "device": "cuda", "estimator": "full", "loss_error": 1e-6,
-                           "dh_error": dh, "dw_error": dw}}
+    return {"kind": "accuracy", "provider": provider, "n": 2048, "hidden": 4096, "vocab": 128256,
+            "dtype": "bfloat16", "device": "cuda", "estimator": "full", "loss_error": 1e-6, "dh_error": dh,
+            "dw_error": dw}
 
 
 def test_report_checks_targets_and_writes_files(tmp_path):
@@ -31,10 +31,12 @@ def test_report_checks_targets_and_writes_files(tmp_path):
     rest = [_row("opsdl_fast", 8192, 4096, 32768, 30.0, 900.0, 0.5),
             _row("liger_jsd_loss_chunked", 8192, 4096, 32768, 20.0, 1100.0),
             _row("opsdl_lean", 8192, 4096, 32768, 25.0, 300.0)]
-    for name, rows in (("a.json", headline), ("b.json", rest)):
-        (tmp_path / name).write_text(json.dumps({"machine_info": {"gpu": "Test GPU"}, "benchmarks": rows}))
+    machine = {"kind": "machine", "gpu": "Test GPU"}
+    cut_short = {"kind": "unmeasured", "provider": "naive", "shape": "N16384-H3584-V152064", "reason": "out of memory"}
+    for name, rows in (("a.jsonl", [machine, *headline]), ("b.jsonl", [machine, *rest, cut_short])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tests.log").write_text("....\n===== 140 passed, 2 skipped in 50.0s =====\n")
-    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "out"),
+    assert main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "out"),
                  "--tests-log", str(tmp_path / "tests.log")]) == 0
 
     result = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -55,4 +57,5 @@ def test_report_checks_targets_and_writes_files(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Test GPU" in md and "140 passed, 2 skipped" in md and "| opsdl_fast | 54.00 | 1002.0 |" in md
     assert "| liger_fused_linear_jsd | 2048x4096x128256 | bfloat16 | full | 1.00e-06 | 2.20% | 3.00% |" in md
+    assert "- naive at N16384-H3584-V152064: out of memory" in md
     assert (tmp_path / "out" / "plot.png").stat().st_size > 1000

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
-from .autograd import GradientInForward, NoRows, Recompute
+from .autograd import GradientInForward, NoRows, Recompute, unit_scale
 from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows
 from .paths import Operands
 from .state import LossSpec, log_ratio
@@ -58,9 +58,9 @@ def _check_hidden(name: str, x: Tensor) -> None:
 
 
 def _check_weight(name: str, w: Tensor, hidden: int, dtype: torch.dtype, dtype_of: str) -> None:
-    if not isinstance(w, Tensor) or w.dim() != 2:
+    if not isinstance(w, Tensor) or w.dim() != 2 or w.shape[0] == 0:
         got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
-        raise ValueError(f"{name}: expected a 2-d (vocab, hidden) tensor, got {got}")
+        raise ValueError(f"{name}: expected a 2-d (vocab, hidden) tensor with vocab >= 1, got {got}")
     if w.shape[1] != hidden:
         raise ValueError(f"{name}: expected shape (vocab, {hidden}) to match the hidden size of {dtype_of}, "
                          f"got {tuple(w.shape)}")
@@ -152,17 +152,24 @@ def _reduce(values: Tensor, rows: Optional[Tensor], lead: torch.Size, reduction:
     return total
 
 
-def _fast_weights(row_weights: Optional[Tensor], n_rows: int, reduction: str) -> tuple[Optional[Tensor], float]:
-    """(coef, alpha) with ``alpha * coef_i`` the weight of row i in the loss and ``max |coef| = 1``,
-    so the 16-bit gradient tiles never carry a small scale (1/N of a mean) into an underflow."""
-    alpha = 1.0 / n_rows if reduction == "mean" else 1.0
-    if row_weights is None:
-        return None, alpha
-    coef = row_weights.float().contiguous()
-    peak = float(coef.abs().max())
-    if 0.0 < peak < float("inf"):
-        return coef / peak, alpha * peak
-    return coef, alpha
+def _fast_chunk(n_rows: int, weight: Tensor, teacher: bool, row_weights: Optional[Tensor], reduction: str,
+                memory: str, budget: int) -> int:
+    """Rows per chunk of the fast path, or 0 for the lean one. "auto" goes lean where the fast path
+    cannot serve: no reduction (each row's weight comes with the backward), token weights that
+    require grad (their gradient needs the per-row values in the graph), fp16 (a loss scaler's
+    factor also comes with the backward, after the fast path has rounded its gradients), or no room
+    for a chunk of ``MIN_FAST_ROWS`` rows in ``budget``."""
+    if memory == "lean" or reduction == "none" or (row_weights is not None and row_weights.requires_grad):
+        return 0
+    if memory == "auto" and weight.dtype == torch.float16:
+        return 0
+    chunk = fast_chunk_rows(n_rows, weight.shape[0], teacher, budget)
+    if memory == "fast" and not chunk:
+        rows = min(n_rows, MIN_FAST_ROWS)
+        raise ValueError(f"memory_budget: memory='fast' needs a chunk of {rows} rows of fp32 logits "
+                         f"({rows * weight.shape[0] * 4 * (2 if teacher else 1)} bytes), got a budget of {budget} "
+                         "bytes; raise it or use memory='auto' or 'lean'")
+    return chunk
 
 
 def _fused(
@@ -180,20 +187,16 @@ def _fused(
             ops = Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
                            teacher_bias, targets)
             state = backend.forward_state(ops, budget)
-            values = spec.values(state)
-            return _reduce(values if row_weights is None else values * row_weights, rows, lead, reduction), state
-    chunk = 0
-    if memory != "lean" and reduction != "none":
-        chunk = fast_chunk_rows(n_rows, weight.shape[0], g is not None, budget)
-        if memory == "fast" and not chunk:
-            raise ValueError(f"memory_budget: memory='fast' needs a chunk of {min(n_rows, MIN_FAST_ROWS)} rows of "
-                             f"fp32 logits ({min(n_rows, MIN_FAST_ROWS) * weight.shape[0] * 8} bytes), got a budget "
-                             f"of {budget} bytes; raise it or use memory='auto' or 'lean'")
-    if chunk:
-        coef, alpha = _fast_weights(row_weights, n_rows, reduction)
-        return GradientInForward.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, coef, spec,
-                                       backend, alpha, chunk)
-    values, state = Recompute.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, spec, backend, budget)
+        values = spec.values(state)
+    else:
+        chunk = _fast_chunk(n_rows, weight, g is not None, row_weights, reduction, memory, budget)
+        if chunk:
+            coef, peak = unit_scale(None if row_weights is None else row_weights.float())
+            alpha = peak / n_rows if reduction == "mean" else peak
+            return GradientInForward.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, coef, spec,
+                                           backend, alpha, chunk)
+        values, state = Recompute.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, spec, backend,
+                                        budget)
     return _reduce(values if row_weights is None else values * row_weights, rows, lead, reduction), state
 
 

@@ -27,6 +27,21 @@ def _operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets) -
                           teacher_bias, targets)
 
 
+def unit_scale(row_weights: Optional[Tensor]) -> tuple[Optional[Tensor], float]:
+    """``(coef, scale)`` with ``row_weights = scale * coef`` and ``max |coef| = 1``: the 16-bit
+    gradient tiles carry ``coef``, cuBLAS applies ``scale`` in fp32 (a mean's 1/N, or a tiny weight,
+    would otherwise underflow fp16). Weights that are all 0, inf or NaN are passed through unscaled."""
+    if row_weights is None:
+        return None, 1.0
+    coef = row_weights.detach().contiguous()
+    peak = float(coef.abs().max())
+    if peak == 0.0:
+        return coef, 0.0
+    if peak < float("inf"):
+        return coef / peak, peak
+    return coef, 1.0
+
+
 class GradientInForward(torch.autograd.Function):
     """``loss = alpha * sum_i coef_i value_i`` (the fast path): the gradient is formed during the
     forward, chunk by chunk, and the backward only scales it by the upstream scalar.
@@ -80,18 +95,11 @@ class Recompute(torch.autograd.Function):
         nones = (None,) * 7
         if grad_values is None:
             return (None, None, None, *nones)
-        coef = grad_values.float().contiguous()
-        # Scale the per-row weights to at most 1 for the 16-bit gradient tiles; cuBLAS applies the
-        # scale in fp32 (a mean over many rows would otherwise underflow fp16).
-        alpha = float(coef.abs().max())
+        coef, alpha = unit_scale(grad_values.float())
         if alpha == 0.0:
             zeros = tuple(None if t is None or not need else torch.zeros_like(t)
                           for t, need in zip((h, weight, bias), needs))
             return (*zeros, *nones)
-        if alpha != float("inf") and alpha == alpha:
-            coef = coef / alpha
-        else:
-            alpha = 1.0  # inf or NaN weights: let them reach the gradient as they are
         ops = _operands(ctx.spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
         grads = paths.lean_backward(ctx.impl.logit_rows, ops, state, coef, alpha, ctx.plan, needs)
         return (*grads, *nones)

@@ -126,7 +126,8 @@ def lean_backward(
 ) -> Grads:
     """The gradient of ``alpha * sum_i coef_i value_i`` by recomputing each slab's logits (the
     teacher's only for the exact KL): G from the saved state, ``dW[slab] = alpha G^T h`` written
-    once per block of rows, ``dh += G W[slab]`` in fp32, ``db[slab] += alpha sum G``."""
+    once per block of rows, ``dh_block += G W[slab]`` in an fp32 accumulator of one block, cast
+    into dh when the block's last slab is done, ``db[slab] += alpha sum G``."""
     h, n, dev = ops.h, ops.h.shape[0], ops.h.device
     vocab = ops.weight.shape[0]
     need_dh, need_dw, need_db = needs
@@ -134,11 +135,13 @@ def lean_backward(
     block = min(plan.block_rows, n)
     s_buf = _buffer(block, plan.slab, dev)
     t_buf = _buffer(block, plan.slab, dev) if teacher_logits else None
-    dh32 = torch.zeros(h.shape, dtype=torch.float32, device=dev) if need_dh else None
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
+    dh32 = torch.empty((block, h.shape[1]), dtype=torch.float32, device=dev) if need_dh else None
     dw = torch.empty_like(ops.weight, memory_format=torch.contiguous_format) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     for r0 in range(0, n, plan.block_rows):
         r1 = min(n, r0 + plan.block_rows)
+        acc = None if dh32 is None else dh32[: r1 - r0].zero_()
         for v0 in range(0, vocab, plan.slab):
             v1 = min(vocab, v0 + plan.slab)
             zs = mm_fp32(h[r0:r1], ops.w_logits[v0:v1], _matrix(s_buf, r1 - r0, v1 - v0))
@@ -147,11 +150,12 @@ def lean_backward(
             rows(ops.spec, zs, zt, state[:, r0:r1], v0=v0, bias=_slice(ops.bias, v0, v1),
                  teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1),
                  coef=coef[r0:r1], grad=grad, update=False, first=False, last=False)
-            if dh32 is not None:
-                addmm_fp32_(dh32[r0:r1], grad, ops.weight[v0:v1])
+            if acc is not None:
+                addmm_fp32_(acc, grad, ops.weight[v0:v1])
             if dw is not None:
                 scaled_mm_(dw[v0:v1], grad.t(), h[r0:r1], alpha, accumulate=r0 > 0)
             column_sums_(None if db is None else db[v0:v1], grad)
-    del s_buf, t_buf, zs, zt, grad  # before dh's cast allocates
-    dh = None if dh32 is None else (dh32.mul_(alpha)).to(h.dtype)
+        if acc is not None:
+            torch.mul(acc, alpha, out=acc)
+            dh[r0:r1].copy_(acc)
     return dh, dw, None if db is None else (db * alpha).to(ops.bias.dtype)

@@ -8,9 +8,9 @@ Two structures compute a gradient, both from large cuBLAS products with fp32 log
   without a teacher); every chunk re-reads and re-writes dW, so chunks below ``MIN_FAST_ROWS`` rows
   lose the time the fast path exists to save.
 - **lean** (recompute): the forward keeps O(1) numbers per row over vocabulary slabs of S columns;
-  the backward recomputes each slab's logits, writes that slab of dW once and accumulates dh in
-  fp32. Six products (five for the single-sample estimator), working memory
-  ``R x H x 4 + R x S x 8`` bytes for a block of R rows: flat in V.
+  the backward recomputes each slab's logits, writes that slab of dW once per block of R rows and
+  accumulates the block's dh in fp32. Six products (five for the single-sample estimator), working
+  memory ``R x H x 4 + R x S x 8`` bytes: flat in V and, past one block, in N.
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ def fast_chunk_rows(n_rows: int, vocab: int, teacher: bool, budget: int) -> int:
         return 0
     if fit >= n_rows:
         return n_rows
-    if fit >= ROW_ALIGN:
-        fit = fit // ROW_ALIGN * ROW_ALIGN
+    fit = fit // ROW_ALIGN * ROW_ALIGN if fit >= ROW_ALIGN else fit
     chunks = -(-n_rows // fit)
     balanced = -(-n_rows // chunks)
     return min(fit, -(-balanced // ROW_ALIGN) * ROW_ALIGN)

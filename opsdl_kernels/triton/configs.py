@@ -14,6 +14,7 @@ steps ``INTERPRETER_ROW_BLOCK`` columns, so the small test shapes take several s
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,6 +62,12 @@ INTERPRETER_CONFIG = _cfg(16, 32, 16, 1, 1)
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launches go to the current CUDA device: make it the tensor's (tensors on cuda:1 while
+    cuda:0 is current would otherwise be read from the wrong device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def shared_memory_bytes(config: triton.Config, element_bytes: int) -> int:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..paths import Operands
 from ..state import P, RUNNING, finalize, merge_splits
-from .configs import FORWARD_CONFIGS, VOCAB_SPLIT_ALIGN, all_configs, interpreting, prune_for_device
+from .configs import FORWARD_CONFIGS, VOCAB_SPLIT_ALIGN, all_configs, interpreting, on_device, prune_for_device
 from .tiles import cap_and_scale, online_update, project_pair_tile, project_tile
 
 # Planes of the (plane, split, row) state buffer: the running planes of opsdl_kernels.state.
@@ -149,14 +149,15 @@ def forward_state(ops: Operands, budget: int = 0, vocab_splits: Optional[int] = 
     x_g = h if g is None else g  # strides only: never read without g_ptr
     x_u = ops.weight if u is None else u
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
-    kl_forward_kernel[grid](
-        h_ptr=h, g_ptr=g, w_ptr=ops.weight, u_ptr=u, b_ptr=ops.bias, c_ptr=ops.teacher_bias,
-        y_ptr=ops.targets, state_ptr=split_state,
-        N=n, V=vocab, H=h.shape[1], HT=x_g.shape[1], split_size=split_size, plane_stride=splits * n,
-        stride_hn=h.stride(0), stride_hk=h.stride(1), stride_gn=x_g.stride(0), stride_gk=x_g.stride(1),
-        stride_wv=ops.weight.stride(0), stride_wk=ops.weight.stride(1), stride_uv=x_u.stride(0),
-        stride_uk=x_u.stride(1), inv_temperature=1.0 / spec.temperature, softcap=spec.softcap,
-        SHARED_WEIGHT=shared, ACC_REVERSE=spec.kind == "kl", ACC_FORWARD=spec.mixes_forward,
-        DOT_PRECISION=dot_precision(h.dtype),
-    )
+    with on_device(h):
+        kl_forward_kernel[grid](
+            h_ptr=h, g_ptr=g, w_ptr=ops.weight, u_ptr=u, b_ptr=ops.bias, c_ptr=ops.teacher_bias,
+            y_ptr=ops.targets, state_ptr=split_state,
+            N=n, V=vocab, H=h.shape[1], HT=x_g.shape[1], split_size=split_size, plane_stride=splits * n,
+            stride_hn=h.stride(0), stride_hk=h.stride(1), stride_gn=x_g.stride(0), stride_gk=x_g.stride(1),
+            stride_wv=ops.weight.stride(0), stride_wk=ops.weight.stride(1), stride_uv=x_u.stride(0),
+            stride_uk=x_u.stride(1), inv_temperature=1.0 / spec.temperature, softcap=spec.softcap,
+            SHARED_WEIGHT=shared, ACC_REVERSE=spec.kind == "kl", ACC_FORWARD=spec.mixes_forward,
+            DOT_PRECISION=dot_precision(h.dtype),
+        )
     return finalize(merge_splits(split_state), spec.has_teacher)

@@ -17,13 +17,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ..state import P, LossSpec
-from .configs import row_launch
+from .configs import on_device, row_launch
 from .tiles import cap_and_scale, online_update
 
 M_S, L_S, M_T, L_T, ACC_R, ACC_F, S_Y, T_Y, LSE_S, LSE_T, KL_R, KL_F, LOGP_Y, LOGQ_Y = (
     tl.constexpr(P[name]) for name in ("m_s", "l_s", "m_t", "l_t", "acc_r", "acc_f", "s_y", "t_y",
                                        "lse_s", "lse_t", "kl_r", "kl_f", "logp_y", "logq_y"))
-KIND_KL, KIND_SAMPLED, KIND_LOGPROB = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+KIND_KL, KIND_SAMPLED = tl.constexpr(0), tl.constexpr(1)
 KIND_CODE = {"kl": 0, "sampled": 1, "logprob": 2}
 
 
@@ -160,10 +160,16 @@ def logit_rows_kernel(
             col_mask = cols < width
             mask = row_mask[:, None] & col_mask[None, :]
             s = _logits(zs_rows, bias_ptr, cols, col_mask, mask, inv_temperature, softcap)
+            if KIND == KIND_KL:
+                t = _logits(zt_rows, teacher_bias_ptr, cols, col_mask, mask, inv_temperature, softcap)
+            # A 16-bit G overwrites the logits of columns [start/2, start/2 + BLOCK_V/2), which other
+            # warps of this program read in this step (start = 0) or earlier ones: every warp must
+            # have loaded its part of the step before any warp stores.
+            tl.debug_barrier()
             logp = s - lse_s[:, None]
             p = tl.exp(logp)
             if KIND == KIND_KL:
-                logq = _logits(zt_rows, teacher_bias_ptr, cols, col_mask, mask, inv_temperature, softcap) - lse_t[:, None]
+                logq = t - lse_t[:, None]
                 d = reverse_weight * p * (logp - logq - kl_r[:, None])
                 if MIX_FORWARD:
                     d += (1.0 - reverse_weight) * (p - tl.exp(logq))
@@ -187,13 +193,14 @@ def logit_rows(
     if n_rows == 0:
         return
     block_r, block_v, num_warps = row_launch(width)
-    logit_rows_kernel[(triton.cdiv(n_rows, block_r),)](
-        zs_ptr=zs, zt_ptr=zt, grad_ptr=grad, bias_ptr=bias, teacher_bias_ptr=teacher_bias,
-        targets_ptr=targets, coef_ptr=coef, state_ptr=state,
-        n_rows=n_rows, width=width, v0=v0, state_stride=state.stride(0), zs_stride=zs.stride(0),
-        zt_stride=0 if zt is None else zt.stride(0), grad_stride=0 if grad is None else grad.stride(0),
-        inv_temperature=1.0 / spec.temperature, softcap=spec.softcap, reverse_weight=spec.reverse_weight,
-        first=int(first), last=int(last),
-        KIND=KIND_CODE[spec.kind], MIX_FORWARD=spec.mixes_forward, UPDATE=update,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
-    )
+    with on_device(zs):
+        logit_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+            zs_ptr=zs, zt_ptr=zt, grad_ptr=grad, bias_ptr=bias, teacher_bias_ptr=teacher_bias,
+            targets_ptr=targets, coef_ptr=coef, state_ptr=state,
+            n_rows=n_rows, width=width, v0=v0, state_stride=state.stride(0), zs_stride=zs.stride(0),
+            zt_stride=0 if zt is None else zt.stride(0), grad_stride=0 if grad is None else grad.stride(0),
+            first=int(first), last=int(last),
+            inv_temperature=1.0 / spec.temperature, softcap=spec.softcap, reverse_weight=spec.reverse_weight,
+            KIND=KIND_CODE[spec.kind], MIX_FORWARD=spec.mixes_forward, UPDATE=update,
+            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
+        )

@@ -100,14 +100,17 @@ def _compile(job) -> dict:
     signature = _signature(fn, pointers, constexprs)
     # Real vocabularies (32000, 49152, 128256, 151936, 152064, 256000) and our slabs are multiples of
     # 16 columns, so a launch marks the row kernel's width divisible by 16 and its loads vectorise.
-    plain = {"N", "V", "n_rows", "v0", "first", "last"} | ({"width"} if variant == "odd_width" else set())
+    # What the kernel declares it never specialises on (rows.py), a launch never assumes.
+    plain = ({"N", "V", "n_rows", "v0", "first", "last", "state_stride", "state_ptr", "targets_ptr", "coef_ptr"}
+             | ({"width"} if variant == "odd_width" else set()))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name].startswith("*") or (signature[name] in ("i32", "i64") and name not in plain)}
+             if (signature[name].startswith("*") or signature[name] in ("i32", "i64")) and name not in plain}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCH[gen], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return {"kernel": kernel, "variant": variant, "gen": gen, "config": cfg.kwargs,
-            "num_stages": cfg.num_stages, "shared": compiled.metadata.shared}
+    return {"kernel": kernel, "variant": variant, "gen": gen, "config": cfg.kwargs, "num_stages": cfg.num_stages,
+            "shared": compiled.metadata.shared, "grad": pointers.get("grad_ptr") if "grad_ptr" not in flags else None,
+            "barriers": compiled.asm["ptx"].count("bar.sync")}
 
 
 def main() -> int:

@@ -119,3 +119,30 @@ def test_token_logprobs_of_no_rows(impl, reduction):
     assert logp.shape == ((0, 4) if reduction == "none" else ())
     logp.sum().backward()
     assert float(logp.detach().sum()) == 0.0 and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_fp16_under_a_loss_scale_takes_the_lean_path_by_default():
+    """A loss scaler multiplies the loss by 2^16 to lift fp16 gradients out of the underflow range;
+    the fast path would have rounded them in the forward, before the scale arrives. With fp16 inputs
+    "auto" takes the lean path, which forms its 16-bit tiles after the scale."""
+    inputs = make_inputs((4096,), 16, 64, dtype=torch.float16, seed=59)
+    ref_loss, ref_grads = reference_kl(**inputs)
+    loss = fused_rkl_loss(**inputs, impl="triton")
+    assert type(loss.grad_fn).__name__ != "GradientInForwardBackward"
+    (loss * 65536.0).backward()
+    for got, want in zip(grads_of(inputs)[:2], ref_grads[:2]):
+        assert rel_err(got, 65536.0 * want) < 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_weights_get_their_gradient(impl, reduction):
+    inputs = make_inputs((2, 5), 16, 300, dtype=torch.float32, seed=60, token_weights=True, mask=True)
+    per_row, _ = reference_kl(**inputs, reduction="none", upstream=torch.ones(2, 5))
+    inputs["token_weights"].requires_grad_()
+    loss = fused_rkl_loss(**inputs, impl=impl, reduction=reduction)
+    (loss.sum() if reduction == "none" else loss).backward()
+    # d loss / d w_i = value_i (sum), value_i / count (mean); masked rows 0
+    values = torch.where(inputs["mask"], per_row / inputs["token_weights"].detach().double(), 0.0)
+    expected = values / int(inputs["mask"].sum()) if reduction == "mean" else values
+    assert rel_err(inputs["token_weights"].grad, expected) < 1e-5
