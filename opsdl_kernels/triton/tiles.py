@@ -80,20 +80,22 @@ def online_update(
         if TARGETS:
             t_y += tl.sum(tl.where(is_y, t, 0.0), axis=1)
         diff = s - t  # finite on padded columns too; their weights e_s, e_t below are 0
-        t = tl.where(col_mask[None, :], t, float("-inf"))
-        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-        alpha_t = tl.exp(m_t - m_t_new)
-        e_t = tl.exp(t - m_t_new[:, None])
-        l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
+        m_t, alpha_t, e_t, l_t = _softmax_step(t, col_mask, m_t, l_t)
         if ACC_FORWARD:
             acc_f = acc_f * alpha_t - tl.sum(e_t * diff, axis=1)
-        m_t = m_t_new
-    s = tl.where(col_mask[None, :], s, float("-inf"))
-    m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-    alpha_s = tl.exp(m_s - m_s_new)
-    e_s = tl.exp(s - m_s_new[:, None])
-    l_s = l_s * alpha_s + tl.sum(e_s, axis=1)
+    m_s, alpha_s, e_s, l_s = _softmax_step(s, col_mask, m_s, l_s)
     if TEACHER:
         if ACC_REVERSE:
             acc_r = acc_r * alpha_s + tl.sum(e_s * diff, axis=1)
-    return m_s_new, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y
+    return m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y
+
+
+@triton.jit
+def _softmax_step(x, col_mask, m, l):
+    """A tile of logits into a running (max, sum of exponentials) per row: the new max, the factor
+    that rescales sums kept under the old one, the tile's exponentials, the new sum."""
+    x = tl.where(col_mask[None, :], x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(x - m_new[:, None])
+    return m_new, alpha, e, l * alpha + tl.sum(e, axis=1)
