@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
-from .autograd import GradientInForward, NoRows, Recompute, unit_scale
+from .autograd import GradientInForward, NoRows, Recompute, operands, unit_scale
 from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows
-from .paths import Operands
 from .state import LossSpec, log_ratio
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -184,8 +183,7 @@ def _fused(
     n_rows = h.shape[0]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))):
         with torch.no_grad():
-            ops = Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
-                           teacher_bias, targets)
+            ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
             state = backend.forward_state(ops, budget)
         values = spec.values(state)
     else:

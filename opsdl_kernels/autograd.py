@@ -22,7 +22,8 @@ _SECOND_BACKWARD = (
 )
 
 
-def _operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets) -> paths.Operands:
+def operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets) -> paths.Operands:
+    """The operands of a call; ``teacher_weight=None`` means the teacher uses ``weight``."""
     return paths.Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
                           teacher_bias, targets)
 
@@ -53,7 +54,7 @@ class GradientInForward(torch.autograd.Function):
         teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
         coef: Optional[Tensor], spec: LossSpec, impl: ModuleType, alpha: float, chunk_rows: int,
     ) -> tuple[Tensor, Tensor]:
-        ops = _operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
         state, ctx.grads = paths.fast_forward_backward(impl.logit_rows, ops, coef, alpha, chunk_rows,
                                                        tuple(ctx.needs_input_grad[:3]))
         values = spec.values(state)
@@ -80,7 +81,7 @@ class Recompute(torch.autograd.Function):
         teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
         spec: LossSpec, impl: ModuleType, budget: int,
     ) -> tuple[Tensor, Tensor]:
-        ops = _operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
         ctx.plan = lean_plan(h.shape[0], h.shape[1], weight.shape[0], g is not None, budget)
         state = paths.lean_forward(impl.logit_rows, ops, ctx.plan)
         ctx.spec, ctx.impl = spec, impl
@@ -100,7 +101,7 @@ class Recompute(torch.autograd.Function):
             zeros = tuple(None if t is None or not need else torch.zeros_like(t)
                           for t, need in zip((h, weight, bias), needs))
             return (*zeros, *nones)
-        ops = _operands(ctx.spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        ops = operands(ctx.spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
         grads = paths.lean_backward(ctx.impl.logit_rows, ops, state, coef, alpha, ctx.plan, needs)
         return (*grads, *nones)
 

@@ -22,6 +22,7 @@ def _set(key, value):
 BAD = [
     ("teacher_hidden", _set("teacher_hidden", lambda kw: torch.randn(3, 2, 8))),
     ("weight", _set("weight", lambda kw: torch.randn(50, 9))),
+    ("weight", _set("weight", lambda kw: torch.randn(0, 8))),
     ("weight", _set("weight", lambda kw: torch.randn(50, 8, dtype=torch.float16))),
     ("teacher_weight", _set("teacher_weight", lambda kw: torch.randn(50, 8, dtype=torch.float16))),
     ("teacher_weight", _set("teacher_weight", lambda kw: torch.randn(49, 8))),
