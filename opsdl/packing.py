@@ -2,12 +2,14 @@
 
 ``pack`` concatenates token sequences with ``cu_seqlens`` boundaries and positions that restart at
 0 for every sequence. ``varlen_attention`` is registered with transformers' ``AttentionInterface``
-as ``"opsdl_varlen"``; a model whose attention implementation is set to it (``packed_attention``)
-attends within segments only: ``flash_attn_varlen_func`` on CUDA when flash-attn is installed,
+as ``"opsdl_varlen"``; a model switched to it (``use_varlen_attention``, for good: a gradient-
+checkpointing recompute in the backward must find the same attention as the forward) attends
+within segments only: ``flash_attn_varlen_func`` on CUDA when flash-attn is installed,
 PyTorch's ``varlen_attn`` on CUDA otherwise (where the running torch has it and the layer needs
 no attention-logit softcap), and an exact per-segment computation elsewhere.
 transformers alone does not isolate packed sequences on the CPU (sdpa, eager and flex all let the
-second sequence see the first when given only restarted position ids).
+second sequence see the first when given only restarted position ids). Padded batches (``generate``)
+run under ``own_attention``, the model's original implementation, for the length of the call.
 """
 from __future__ import annotations
 
@@ -115,7 +117,8 @@ def varlen_attention(
     """transformers attention function; query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D)."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        raise ValueError(f"{ATTENTION_NAME}: expected cu_seq_lens_q in the forward kwargs (use opsdl.packing.pack)")
+        raise ValueError(f"{ATTENTION_NAME}: expected cu_seq_lens_q in the forward kwargs (use opsdl.packing.pack); "
+                         "run unpacked or padded batches under opsdl.packing.own_attention(model)")
     if query.shape[0] != 1:
         raise ValueError(f"{ATTENTION_NAME}: packed batches have one row, got query batch {query.shape[0]}")
     if dropout:
@@ -145,12 +148,28 @@ def varlen_attention(
 AttentionInterface.register(ATTENTION_NAME, varlen_attention)
 
 
+_OWN_ATTENTION = "_opsdl_own_attention"  # an attribute of the model object, never saved with its config
+
+
+def use_varlen_attention(model: torch.nn.Module) -> None:
+    """Switch ``model`` to segment-isolated attention for packed rows, keeping its own
+    implementation for ``own_attention``; calling it again changes nothing."""
+    current = model.config._attn_implementation
+    if current != ATTENTION_NAME:
+        setattr(model, _OWN_ATTENTION, current)
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
 @contextlib.contextmanager
-def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run ``model`` with segment-isolated attention inside the block, its own implementation after."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+def own_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` with its original attention implementation inside the block (padded batches,
+    ``generate``), packed-row attention again after; a model never switched is left as it is."""
+    own = getattr(model, _OWN_ATTENTION, None)
+    if own is None or model.config._attn_implementation != ATTENTION_NAME:
+        yield
+        return
+    model.set_attn_implementation(own)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        model.set_attn_implementation(ATTENTION_NAME)

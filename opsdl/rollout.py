@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .packing import own_attention
+
 # Used when the tokenizer has no chat template (a base model): documented in the README.
 PLAIN_TEMPLATE = "{context}\n\nQuestion: {question}\nAnswer:"
 
@@ -30,10 +32,37 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, context: str, question: str) 
     return tokenizer(text, add_special_tokens=True).input_ids
 
 
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends an answer: the generation config's EOS ids (a list for Llama-3:
+    ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``), the tokenizer's EOS when the config has none."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    if not ids:
+        raise ValueError(f"model ({type(model).__name__}): neither its generation config nor its tokenizer names an "
+                         "end-of-sequence token; set generation_config.eos_token_id")
+    return ids
+
+
+def turn_end_id(tokenizer: PreTrainedTokenizerBase, stops: list[int]) -> int:
+    """The token that closes an assistant turn in the chat template (``<|im_end|>``, ``<|eot_id|>``):
+    the first stop token after the answer in a rendered exchange; the first stop id without a template."""
+    if tokenizer.chat_template:
+        marker = "OPSDL_ANSWER_MARKER"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+        after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False).input_ids
+        for token in after:
+            if token in stops:
+                return token
+    return stops[0]
+
+
 @dataclass(frozen=True)
 class Rollout:
     prompt_index: int  # which prompt of the batch it answers
-    tokens: list[int]  # the sampled response, ending with EOS when the sample ended
+    tokens: list[int]  # the sampled response, ending with its stop token when the sample ended
     ended: bool
 
 
@@ -48,14 +77,16 @@ def sample(
     samples_per_prompt: int = 1,
 ) -> list[Rollout]:
     """``samples_per_prompt`` responses per prompt, left-padded into one ``generate`` call with the
-    KV cache. temperature 0 means greedy decoding. Reseed torch beforehand for reproducible samples."""
+    KV cache, under the model's own attention implementation. A response ends at the first of any
+    ``stop_ids`` (the generation config's EOS list). temperature 0 means greedy decoding. Reseed
+    torch beforehand for reproducible samples."""
     if not prompts:
         raise ValueError("prompts: expected at least one prompt, got none")
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or samples_per_prompt < 1:
         raise ValueError(f"sampling options: expected temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and "
                          f"samples_per_prompt >= 1, got {temperature}, {top_p}, {max_new_tokens}, {samples_per_prompt}")
     device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, stops = tokenizer.pad_token_id, stop_ids(model, tokenizer)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
     attention = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
@@ -66,14 +97,15 @@ def sample(
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), own_attention(model):
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             num_return_sequences=samples_per_prompt, pad_token_id=pad, eos_token_id=eos,
+                             num_return_sequences=samples_per_prompt, pad_token_id=pad, eos_token_id=stops,
                              **sampling)
     model.train(was_training)
     rollouts = []
     for i, row in enumerate(out[:, width:].tolist()):
-        ended = eos in row
-        tokens = row[: row.index(eos) + 1] if ended else row
+        end = next((k for k, token in enumerate(row) if token in stops), None)
+        ended = end is not None
+        tokens = row[: end + 1] if ended else row
         rollouts.append(Rollout(i // samples_per_prompt, tokens, ended))
     return rollouts

@@ -33,7 +33,7 @@ from .data import Example, answer_found, load_examples, make_examples
 from .model import LMHead, lm_head, load_model, packed_hidden_states
 from .options import option
 from .packing import pack
-from .rollout import prompt_ids, sample
+from .rollout import prompt_ids, sample, stop_ids, turn_end_id
 
 
 
@@ -105,9 +105,9 @@ def prepare_prompts(cfg: TrainConfig, examples: list[Example], tokenizer) -> tup
     return kept, dropped
 
 
-def gold_answer_ids(tokenizer, example: Example) -> list[int]:
-    """The SFT target: the expected answer(s), comma-separated, then EOS."""
-    return tokenizer(", ".join(example.answers()), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def gold_answer_ids(tokenizer, example: Example, turn_end: int) -> list[int]:
+    """The SFT target: the expected answer(s), comma-separated, then the token that ends the turn."""
+    return tokenizer(", ".join(example.answers()), add_special_tokens=False).input_ids + [turn_end]
 
 
 def response_rows(prompt_lengths: list[int], response_lengths: list[int], starts: list[int]) -> torch.Tensor:
@@ -125,14 +125,24 @@ def packed_rows(model, prompts: list[list[int]], responses: list[list[int]], dev
     return hidden[rows.to(device)]
 
 
-def distillation_loss(cfg: TrainConfig, head: LMHead, student_rows, teacher_rows, targets, compute_dtype):
+def distillation_loss(cfg: TrainConfig, head: LMHead, teacher_head: LMHead, student_rows, teacher_rows, targets,
+                      compute_dtype):
     """The mean per-token loss over the response rows and, from the same fused call, the per-row
-    sampled log-ratio log p_s(y) - log p_t(y) (logged; the loss itself when --estimator sampled)."""
-    weight = head.weight.to(compute_dtype)
-    bias = None if head.bias is None else head.bias.to(compute_dtype)
-    return fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype), weight, targets=targets,
-                          estimator=cfg.estimator, softcap=head.softcap, bias=bias, teacher_bias=bias, impl=cfg.impl,
-                          return_log_ratio=True)
+    sampled log-ratio log p_s(y) - log p_t(y) (logged; the loss itself when --estimator sampled).
+    The teacher scores with its own lm-head: a frozen or EMA teacher's head, not the student's
+    live one (with tied embeddings the student's head moves every step)."""
+    if teacher_head.softcap != head.softcap:
+        raise ValueError(f"teacher: its final-logit softcap {teacher_head.softcap} differs from the student's "
+                         f"{head.softcap}; the fused loss applies one softcap to both")
+
+    def cast(t):
+        return None if t is None else t.to(compute_dtype)
+
+    shared = teacher_head.weight is head.weight  # the live teacher: one weight, read once
+    return fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype), cast(head.weight),
+                          None if shared else cast(teacher_head.weight), targets=targets, estimator=cfg.estimator,
+                          softcap=head.softcap, bias=cast(head.bias), teacher_bias=cast(teacher_head.bias),
+                          impl=cfg.impl, return_log_ratio=True)
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, ema_teacher, cfg: TrainConfig) -> Path:
@@ -197,6 +207,7 @@ def train(cfg: TrainConfig) -> dict:
                                  if resume_from else copy.deepcopy(model))
     if teacher is not model:
         teacher.eval().requires_grad_(False)
+    teacher_head = lm_head(teacher)
 
     # ---- data ----------------------------------------------------------------------------------
     if cfg.data:
@@ -210,6 +221,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.objective == "sft" and not all(item.example.answers() for item in items):
         raise ValueError("--objective sft: every example needs an 'answer' (the gold target)")
 
+    turn_end = turn_end_id(tokenizer, stop_ids(model, tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -233,7 +245,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.objective == "sft":
                 # baseline: cross-entropy on the gold answers under the long context, no teacher
                 owners = batch
-                responses = [gold_answer_ids(tokenizer, o.example) for o in owners]
+                responses = [gold_answer_ids(tokenizer, o.example, turn_end) for o in owners]
                 targets = torch.tensor([t for r in responses for t in r], device=device)
                 with autocast:
                     student_rows = packed_rows(model, [o.student for o in owners], responses, device)
@@ -261,7 +273,8 @@ def train(cfg: TrainConfig) -> dict:
                     student_rows = packed_rows(model, [o.student for o in owners], responses, device)
 
                 # 4. per-token reverse KL at the response rows; mean over this micro-batch's tokens
-                loss, log_ratio = distillation_loss(cfg, head, student_rows, teacher_rows, targets, compute_dtype)
+                loss, log_ratio = distillation_loss(cfg, head, teacher_head, student_rows, teacher_rows, targets,
+                                                    compute_dtype)
                 (loss / cfg.grad_accum).backward()
                 stats["tokens"] += sum(len(o.student) + len(o.teacher) + 2 * len(r)
                                        for o, r in zip(owners, responses))

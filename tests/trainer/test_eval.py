@@ -25,9 +25,23 @@ def test_scoring_on_hand_written_outputs():
     assert not answer_found("The number is 815009.", ["8150097"])
     assert answer_found("TLISF, RWWIU, PFOGQ and BSDWD", ["TLISF", "RWWIU", "PFOGQ", "BSDWD"])
     assert not answer_found("TLISF, RWWIU", ["TLISF", "RWWIU", "PFOGQ"])
-    table = markdown([{"model": "m", "task": "multikey", "length": 1024, "accuracy": 0.5, "short_accuracy": 1.0},
-                      {"model": "m", "task": "multikey", "length": 2048, "accuracy": 0.25, "short_accuracy": 0.5}])
-    assert "| m | multikey | 0.50 | 0.25 | 0.75 |" in table
+    table = markdown([{"model": "m", "task": "multikey", "length": 1024, "accuracy": 0.5, "short_accuracy": 1.0,
+                       "samples": 40},
+                      {"model": "m", "task": "multikey", "length": 2048, "accuracy": 0.25, "short_accuracy": 0.5,
+                       "samples": 40}])
+    # Wilson 95% intervals: 20/40, 10/40, and the evidence-only check pooled, 60/80
+    assert "| m | multikey | 0.50 [0.35, 0.65] | 0.25 [0.14, 0.40] | 0.75 [0.65, 0.83] |" in table
+
+
+def test_wilson_interval_against_the_closed_form_and_the_edges():
+    from opsdl.eval import wilson_interval
+
+    low, high = wilson_interval(0, 40)
+    assert low == 0.0 and abs(high - 1.96**2 / (40 + 1.96**2)) < 1e-12  # k = 0: upper = z^2 / (n + z^2)
+    low, high = wilson_interval(40, 40)
+    assert high == 1.0 and abs(low - 40 / (40 + 1.96**2)) < 1e-12
+    low, high = wilson_interval(31, 40)
+    assert low < 31 / 40 < high and abs((low + high) / 2 - (31 / 40 + 1.96**2 / 80) / (1 + 1.96**2 / 40)) < 1e-12
 
 
 def test_tiny_model_end_to_end_and_cli(tmp_path):

@@ -13,24 +13,25 @@ def load_script():
     return module
 
 
-def test_experiment_trains_three_ways_evaluates_four_and_resumes(tmp_path):
+def test_experiment_trains_four_ways_evaluates_five_and_resumes(tmp_path):
     experiment = load_script()
     argv = ["--preset", "smoke", "--model", "tiny:llama", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
     assert experiment.main(argv) == 0
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["command"] == "python examples/opsdl_experiment.py " + " ".join(argv)
-    assert set(run["train_seconds"]) == {"opsdl-full", "opsdl-sampled", "sft"}
+    assert set(run["train_seconds"]) == {"opsdl-full", "opsdl-sampled", "opsdl-ema", "sft"}
     assert all(seconds > 0 for seconds in run["train_seconds"].values())
-    assert run["eval_seconds"]["timed_cells"] == run["eval_seconds"]["cells"] == 4 * 2  # 4 models x 2 lengths
+    assert run["eval_seconds"]["timed_cells"] == run["eval_seconds"]["cells"] == 5 * 2  # 5 models x 2 lengths
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert {(r["model"], r["length"]) for r in rows} == {(m, n) for m in run["models"].values() for n in (64, 96)}
-    for name in ("opsdl-full", "opsdl-sampled", "sft"):
+    for name in ("opsdl-full", "opsdl-sampled", "opsdl-ema", "sft"):
         log = (tmp_path / "runs" / f"smoke-{name}" / "log.jsonl").read_text().splitlines()
+        assert (tmp_path / "out" / "train_logs" / f"{name}.jsonl").read_text().splitlines() == log
         assert len(log) == 2 and experiment.step_seconds(tmp_path / "runs" / f"smoke-{name}" / "log.jsonl") == \
             run["train_seconds"][name]
 
     # a rerun finds every run trained and every cell measured: nothing is redone
     assert experiment.main(argv) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"] == rows
-    for name in ("opsdl-full", "opsdl-sampled", "sft"):
+    for name in ("opsdl-full", "opsdl-sampled", "opsdl-ema", "sft"):
         assert len((tmp_path / "runs" / f"smoke-{name}" / "log.jsonl").read_text().splitlines()) == 2

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opsdl.model import decoder, lm_head, packed_hidden_states, tiny_config
-from opsdl.packing import pack
+from opsdl.packing import own_attention, pack
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2"]
 
@@ -31,9 +31,58 @@ def test_packed_hidden_states_equal_unpacked(family, dtype, tol):
     with torch.no_grad():
         packed = packed_hidden_states(model, pack(seqs, device=device))
         for seq, start in zip(seqs, pack(seqs).cu_seqlens[:-1].tolist()):
-            alone = decoder(model)(input_ids=torch.tensor([seq], device=device)).last_hidden_state[0]
+            with own_attention(model):
+                alone = decoder(model)(input_ids=torch.tensor([seq], device=device)).last_hidden_state[0]
             got = packed[start:start + len(seq)]
             assert torch.allclose(got.float(), alone.float(), rtol=tol, atol=tol), (family, (got - alone).abs().max())
+
+
+def _packed_gradients(model, seqs, probe) -> dict:
+    model.zero_grad(set_to_none=True)
+    (packed_hidden_states(model, pack(seqs, device=model.device)) * probe).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_gradient_checkpointing_keeps_packed_sequences_apart(family):
+    """The non-reentrant recompute in the backward runs the same packed attention as the forward:
+    gradients with and without checkpointing agree, and equal those of each sequence alone."""
+    model = _model(family).train()
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (9, 4, 12)]
+    probe = torch.randn(25, 64, generator=gen).to(model.device)
+    plain = _packed_gradients(model, seqs, probe)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = _packed_gradients(model, seqs, probe)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-5), (family, name)
+    model.gradient_checkpointing_disable()
+    model.zero_grad(set_to_none=True)
+    with own_attention(model):  # each sequence alone, the model's own attention
+        start = 0
+        for seq in seqs:
+            hidden = decoder(model)(input_ids=torch.tensor([seq], device=model.device)).last_hidden_state[0]
+            (hidden * probe[start:start + len(seq)]).sum().backward()
+            start += len(seq)
+    for name, p in model.named_parameters():
+        if name in plain:
+            scale = plain[name].abs().max()  # sums over differently shaped passes: fp32 rounding of the largest
+            assert torch.allclose(plain[name], p.grad, rtol=1e-5, atol=1e-5 * scale), (family, name)
+
+
+def test_own_attention_is_restored_and_never_saved(tmp_path):
+    model = _model("llama")
+    own = model.config._attn_implementation
+    packed_hidden_states(model, pack([[1, 2, 3]], device=model.device))
+    assert model.config._attn_implementation == "opsdl_varlen"
+    with own_attention(model):
+        assert model.config._attn_implementation == own
+    assert model.config._attn_implementation == "opsdl_varlen"
+    with pytest.raises(ValueError, match="own_attention"):
+        decoder(model)(input_ids=torch.tensor([[1, 2, 3]], device=model.device))
+    model.save_pretrained(tmp_path)
+    assert "opsdl" not in (tmp_path / "config.json").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a fact measured on the CPU path")

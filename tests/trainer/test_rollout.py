@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opsdl.rollout import PLAIN_TEMPLATE, prompt_ids, sample
+from opsdl.rollout import PLAIN_TEMPLATE, prompt_ids, sample, stop_ids, turn_end_id
 
 
 def test_batched_greedy_equals_one_at_a_time(tiny):
@@ -51,3 +51,36 @@ def test_bad_sampling_options(tiny):
         sample(model, tokenizer, [[1, 2]], top_p=0.0)
     with pytest.raises(ValueError, match="prompts"):
         sample(model, tokenizer, [])
+
+
+def test_rollouts_stop_at_every_eos_of_the_generation_config(tiny):
+    """Llama-3 style: the generation config lists several end tokens; an answer ends at the first
+    of any of them, not only at the tokenizer's EOS."""
+    model, tokenizer = tiny
+    prompts = [prompt_ids(tokenizer, "Some context.", "A question?")]
+    configured = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+        free = sample(model, tokenizer, prompts, temperature=0.0, max_new_tokens=8)[0].tokens
+        other_end = next(t for t in free[2:] if t != tokenizer.eos_token_id)  # a token the model emits
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, other_end]
+        assert stop_ids(model, tokenizer) == [tokenizer.eos_token_id, other_end]
+        stopped = sample(model, tokenizer, prompts, temperature=0.0, max_new_tokens=8)[0]
+    finally:
+        model.generation_config.eos_token_id = configured
+    cut = free.index(other_end) + 1
+    assert stopped.ended and stopped.tokens == free[:cut]
+
+
+def test_turn_end_token_comes_from_the_chat_template(tiny):
+    model, tokenizer = tiny
+    assert turn_end_id(tokenizer, stop_ids(model, tokenizer)) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    template = tokenizer.chat_template
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    try:  # a template whose turns end with another stop token, listed second
+        tokenizer.chat_template = template.replace("<|im_end|>", "<|endoftext|>")
+        assert turn_end_id(tokenizer, [tokenizer.eos_token_id, endoftext]) == endoftext
+        tokenizer.chat_template = None
+        assert turn_end_id(tokenizer, [7, endoftext]) == 7
+    finally:
+        tokenizer.chat_template = template

@@ -111,3 +111,41 @@ def test_one_fused_call_per_micro_batch_on_the_fast_path(tmp_path, monkeypatch, 
     assert all(r["mean_advantage"] == r["mean_advantage"] for r in log)
     if estimator == "sampled":
         assert all(abs(r["kl_estimate"] + r["mean_advantage"]) < 1e-6 for r in log)
+
+
+@pytest.mark.parametrize("teacher", ["frozen", "live"])
+def test_the_teacher_scores_with_its_own_head(tmp_path, monkeypatch, teacher):
+    """The logits the loss sees for the teacher, on a fixed input: unchanged bit for bit over the
+    steps with a frozen teacher; with a live one they follow the student as it trains."""
+    import opsdl.train as loop
+    from opsdl.model import packed_hidden_states
+    from opsdl.packing import pack
+
+    fixed = pack([[5, 17, 33, 2, 9, 41]])
+    initial, _ = load_model("tiny:llama", seed=0)
+    with torch.no_grad():
+        head = initial.get_output_embeddings()
+        expected_first = packed_hidden_states(initial, fixed) @ head.weight.t()
+    seen, hidden = [], []
+    real_rows, real_loss = loop.packed_rows, loop.fused_rkl_loss
+
+    def rows_spy(model, *args):
+        if not torch.is_grad_enabled():  # the teacher's pass
+            hidden.append(packed_hidden_states(model, fixed))
+        return real_rows(model, *args)
+
+    def loss_spy(student, teacher_rows, weight, teacher_weight=None, **kwargs):
+        w = weight if teacher_weight is None else teacher_weight
+        b = kwargs.get("teacher_bias")
+        logits = hidden[-1] @ w.detach().t() + (0 if b is None else b)
+        seen.append(logits)
+        return real_loss(student, teacher_rows, weight, teacher_weight, **kwargs)
+
+    monkeypatch.setattr(loop, "packed_rows", rows_spy)
+    monkeypatch.setattr(loop, "fused_rkl_loss", loss_spy)
+    train(TrainConfig(**TINY, steps=4, teacher=teacher, out=str(tmp_path)))
+    assert len(seen) == 4 and torch.equal(seen[0], expected_first)
+    if teacher == "frozen":
+        assert all(torch.equal(s, expected_first) for s in seen[1:])
+    else:
+        assert all(not torch.allclose(s, expected_first) for s in seen[1:])
