@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from opsdl.data import read_jsonl, write_atomic
+from opsdl.data import read_jsonl
+from opsdl.files import write_atomic
 from opsdl.eval import EvalConfig, evaluate
 from opsdl.train import TrainConfig, latest_checkpoint, train
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             "opsdl-ema": dict(estimator="full", teacher="ema"), "sft": dict(objective="sft")}
     checkpoints, train_seconds = [], {}
     for name, extra in runs.items():
-        cfg = TrainConfig(model=args.model, out=str(args.runs / f"{args.preset}-{name}"), resume=True,
+        cfg = TrainConfig(model=args.model, out=str(args.runs / f"{args.preset}-{name}"), resume="latest",
                           **preset["train"], **extra)
         done = latest_checkpoint(Path(cfg.out))
         if done is None or done.name != f"checkpoint-{cfg.steps:06d}":  # (re)start or resume training

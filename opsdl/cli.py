@@ -1,66 +1,92 @@
-"""`opsdl train | prepare | eval`: argument parsing only."""
+"""`opsdl train | prepare | eval`: argument parsing only. torch, transformers and triton load once
+a command runs, never for ``--help`` or a rejected option."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import os
 import sys
 import typing
 from typing import Optional, Sequence
 
-from .eval import EvalConfig
-from .prepare import PrepareConfig
-from .train import TrainConfig
+from .options import EvalConfig, PrepareConfig, TrainConfig
+
+
+def _flags(f: dataclasses.Field) -> list[str]:
+    """--kebab-case, the field's own snake_case (the Hugging Face spelling), and declared aliases."""
+    flags = ["--" + f.name.replace("_", "-")]
+    if "_" in f.name:
+        flags.append("--" + f.name)
+    return flags + [a for a in f.metadata.get("aliases", ()) if a not in flags]
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, config_type) -> None:
-    """One --flag per dataclass field, typed by its annotation, documented by its metadata."""
+    """One option per dataclass field, typed by its annotation, documented by its metadata; the
+    help formatter adds each default once."""
     hints = typing.get_type_hints(config_type)
     for f in dataclasses.fields(config_type):
-        flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        help_text = f.metadata.get("help", "")
+        common = dict(dest=f.name, default=f.default, help=f.metadata.get("help", ""))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(*_flags(f), action=argparse.BooleanOptionalAction, **common)
             continue
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
-                            help=f"{help_text} (default: {f.default})")
+        extra = {"nargs": f.metadata["nargs"], "const": f.metadata["const"]} if f.metadata.get("nargs") else {}
+        parser.add_argument(*_flags(f), type=kind, choices=f.metadata.get("choices"), **extra, **common)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opsdl", description="On-Policy Self-Distillation for Long-context LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="OPSDL training (defaults: SmolLM2 on synthetic needles, CPU)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_arguments(train, TrainConfig)
-    prepare = commands.add_parser("prepare", help="(long context, short context, question) triplets from your documents",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_arguments(prepare, PrepareConfig)
-    evaluate = commands.add_parser("eval", help="accuracy by context length on the synthetic tasks",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_arguments(evaluate, EvalConfig)
+    for name, config_type, summary in (
+        ("train", TrainConfig, "OPSDL training (defaults: SmolLM2 on synthetic needles, CPU)"),
+        ("prepare", PrepareConfig, "(long context, short context, question) triplets from your documents"),
+        ("eval", EvalConfig, "accuracy by context length on the synthetic tasks"),
+    ):
+        sub = commands.add_parser(name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_config_arguments(sub, config_type)
     return parser
 
 
 COMMANDS = {"train": TrainConfig, "prepare": PrepareConfig, "eval": EvalConfig}
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_freed_memory_to_the_system() -> None:
+    """A fixed 1 MiB mmap threshold for glibc's malloc. By default the threshold grows (up to 32 MiB)
+    as large blocks are freed, after which a step's activations come from the heap and stay in the
+    process when freed: the default ``opsdl train`` peaked 1.35 GB above its live tensors (4.67
+    against 3.32 GB). With the threshold fixed, each large tensor is returned when freed. Skipped
+    off glibc, and when MALLOC_MMAP_THRESHOLD_ is set (the user's choice wins)."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # musl and other C libraries: nothing to set
+        pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config_type = COMMANDS[args.command]
     config = config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
-    if args.command == "train":
-        from .train import train as run
-    elif args.command == "prepare":
-        from .prepare import prepare as run
-    else:
-        from .eval import evaluate as run
+    return_freed_memory_to_the_system()
     try:
+        if args.command == "train":
+            from .train import train as run
+        elif args.command == "prepare":
+            from .prepare import prepare as run
+        else:
+            from .eval import evaluate as run
         run(config)
     except (ValueError, FileNotFoundError) as e:
         print(f"opsdl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"\nopsdl {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

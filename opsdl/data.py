@@ -8,12 +8,12 @@ evidence; validation checks that it occurs in ``long_context`` unless ``allow_no
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
+
+from .files import write_atomic
 
 Answer = Union[str, list[str], None]
 REQUIRED_FIELDS = ("id", "long_context", "short_context", "question")
@@ -92,14 +92,6 @@ def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False) -> 
 
 def write_examples(examples: Sequence[Example], path: Union[str, Path]) -> None:
     write_atomic(Path(path), "".join(e.to_json() + "\n" for e in examples))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name in the same folder, then rename: a kill never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,30 +13,16 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import answer_found, make_examples, write_atomic
+from .data import answer_found, make_examples
+from .files import write_atomic
 from .model import load_model
-from .options import option
+from .options import EvalConfig
 from .rollout import prompt_ids, sample
-
-
-@dataclass
-class EvalConfig:
-    model: str = option("smollm2-135m", "comma-separated models or checkpoints to compare")
-    tasks: str = option("multikey,multivalue,vartrack", "comma-separated synthetic tasks")
-    lengths: str = option("1024,2048,4096", "comma-separated long-context lengths in tokens")
-    samples: int = option(40, "examples per (task, length)")
-    seed: int = option(0, "evaluation seed (its own seed space: never a training example)")
-    batch_size: int = option(4, "prompts per generate call")
-    max_new_tokens: int = option(32, "answer length limit")
-    rope_factor: float = option(1.0, "stretch each model's RoPE window by this factor (linear scaling)")
-    short_context_check: bool = option(True, "also ask each question with only the evidence as context")
-    out: str = option("runs/eval", "output folder")
-    device: str = option("auto", "cpu, cuda, or auto")
 
 
 def _csv(text: str, name: str, kind=str) -> list:

@@ -16,12 +16,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .data import DataError, read_jsonl, write_atomic
-from .options import option
+from .data import DataError, read_jsonl
+from .files import write_atomic
+from .options import PrepareConfig
 
 DEFAULT_TEMPLATE = (
     "Read the passage below and write {n} different questions that can be answered using only this "
@@ -189,27 +190,6 @@ def filter_questions(candidates: Sequence[str], segment: str, seen: set[str], ma
 
 
 # ---- the driver ----------------------------------------------------------------------------------
-
-
-@dataclass
-class PrepareConfig:
-    docs: Optional[str] = option(None, "JSONL with a 'text' field per document, or a folder of .txt/.md files")
-    pydoc: Optional[str] = option(None, "instead of --docs: comma-separated stdlib modules, rendered by pydoc")
-    out: str = option("triplets.jsonl", "output JSONL, the format of `opsdl train --data`")
-    model: str = option("smollm2-135m", "the model that writes the questions (the one you will train)")
-    context_tokens: int = option(4096, "target long-context length: documents whole, or several joined up to it")
-    segment_tokens: int = option(256, "short-segment length in tokens (within the model's well-trained window)")
-    segments_per_doc: int = option(2, "segments per long context")
-    questions_per_segment: int = option(1, "triplets kept per segment, drawn from its question pool")
-    pool_size: int = option(5, "questions asked of the model per segment")
-    max_question_tokens: int = option(48, "longer questions are dropped")
-    max_new_tokens: int = option(160, "generation limit for a segment's question pool")
-    temperature: float = option(0.7, "sampling temperature for the question pool (0: greedy)")
-    batch_size: int = option(4, "segments per generate call")
-    template: Optional[str] = option(None, "file with a prompt template using {n} and {segment}")
-    seed: int = option(0, "seed of segment choice, sampling and question choice")
-    device: str = option("auto", "cpu, cuda, or auto")
-    overwrite: bool = option(False, "start over when --out exists without a progress file")
 
 
 def _progress_path(out: Path) -> Path:

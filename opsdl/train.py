@@ -11,13 +11,10 @@ with gradient -> per-token reverse KL between the two at the response rows (``fu
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
-import os
 import random
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,52 +26,15 @@ from transformers import AutoModelForCausalLM
 
 from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
 
+from .checkpoint import (append_log, claim_output_dir, latest_checkpoint, load_trainer_state, prune_checkpoints,
+                         resume_point, rewind_log, save_checkpoint)
 from .data import Example, answer_found, load_examples, make_examples
-from .model import LMHead, lm_head, load_model, packed_hidden_states
-from .options import option
+from .model import (LMHead, check_model_source, lm_head, load_model, packed_hidden_states, resolve_device)
+from .options import TrainConfig, check_train_options
 from .packing import pack
 from .rollout import prompt_ids, sample, stop_ids, turn_end_id
 
-
-
-@dataclass
-class TrainConfig:
-    model: str = option("smollm2-135m", "local path, hub id, 'smollm2-135m' (embedded) or 'tiny:<family>' (random)")
-    data: Optional[str] = option(None, "JSONL of {id, long_context, short_context, question[, answer]}; "
-                                     "default: synthetic --task examples")
-    task: str = option("multikey", "synthetic task when --data is not given", ("multikey", "multivalue", "vartrack"))
-    context_tokens: int = option(1024, "length of the synthetic long contexts, in tokens")
-    num_examples: int = option(64, "number of synthetic examples")
-    allow_noncontiguous: bool = option(False, "accept a short_context that is not a segment of long_context")
-    objective: str = option("opsdl", "opsdl: self-distillation; sft: cross-entropy on the gold answers under "
-                                      "the long context (the baseline; needs answers)", ("opsdl", "sft"))
-    rope_factor: float = option(1.0, "stretch the RoPE window by this factor (linear scaling) before training")
-    teacher: str = option("frozen", "live: current weights (the paper); frozen: initial weights; ema: moving average",
-                        ("live", "frozen", "ema"))
-    ema_decay: float = option(0.99, "decay of the EMA teacher")
-    estimator: str = option("full", "full: exact reverse KL; sampled: the paper's single-sample estimator",
-                          ("full", "sampled"))
-    steps: int = option(5, "optimizer steps")
-    batch_size: int = option(2, "prompts per micro-batch")
-    samples_per_prompt: int = option(1, "rollouts per prompt")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-5, "AdamW learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
-    temperature: float = option(0.7, "rollout sampling temperature (0: greedy)")
-    top_p: float = option(1.0, "rollout nucleus sampling")
-    max_new_tokens: int = option(24, "rollout length limit")
-    max_length: int = option(8192, "longest student sequence (prompt + answer) allowed")
-    truncate: str = option("error", "an example longer than --max-length: error, or drop it (counted)",
-                         ("error", "drop"))
-    seed: int = option(0, "seed of data order, sampling and tiny-model weights")
-    device: str = option("auto", "cpu, cuda, or auto")
-    bf16: bool = option(False, "bf16 autocast (CUDA)")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward")
-    impl: str = option("auto", "fused loss implementation", ("auto", "triton", "torch"))
-    out: str = option("runs/opsdl", "output folder: log.jsonl, checkpoints")
-    save_every: int = option(0, "checkpoint every K steps (0: at the end only)")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
+__all__ = ["TrainConfig", "train", "latest_checkpoint"]
 
 
 @dataclass
@@ -145,29 +105,51 @@ def distillation_loss(cfg: TrainConfig, head: LMHead, teacher_head: LMHead, stud
                           impl=cfg.impl, return_log_ratio=True)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, ema_teacher, cfg: TrainConfig) -> Path:
-    """checkpoint-<step>/ (safetensors weights, tokenizer, optimizer state, EMA teacher), written
-    under a temporary name and renamed, then the ``latest`` pointer replaced: a kill at any moment
-    leaves the previous checkpoint intact."""
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if ema_teacher is not None:
-        ema_teacher.save_pretrained(tmp / "ema", safe_serialization=True)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)},
-               tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = out / "latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out / "latest")
-    return final
+@dataclass
+class Teacher:
+    model: torch.nn.Module  # the student itself when live
+    head: LMHead
+    ema: bool  # updated after every optimizer step
 
 
-def latest_checkpoint(out: Path) -> Optional[Path]:
-    pointer = out / "latest"
-    return out / pointer.read_text().strip() if pointer.exists() else None
+def build_teacher(cfg: TrainConfig, student, resume_from: Optional[Path], device, dtype) -> Optional[Teacher]:
+    """live: the student's current weights; frozen: its initial weights (reloaded on resume), or
+    --teacher-model; ema: a moving average, restored from the checkpoint on resume. A separate
+    teacher is checked to share the student's vocabulary."""
+    if cfg.objective == "sft":
+        return None
+    if cfg.teacher == "live":
+        return Teacher(student, lm_head(student), ema=False)
+    if cfg.teacher_model:
+        teacher, teacher_tokenizer = load_model(cfg.teacher_model, dtype=dtype, device=device,
+                                                trust_remote_code=cfg.trust_remote_code)
+        student_vocab = lm_head(student).weight.shape[0]
+        if lm_head(teacher).weight.shape[0] != student_vocab:
+            raise ValueError(f"--teacher-model {cfg.teacher_model}: its vocabulary has "
+                             f"{lm_head(teacher).weight.shape[0]} entries, the student's {student_vocab}; "
+                             "the teacher must share the student's tokenizer")
+    elif cfg.teacher == "ema" and resume_from is not None:
+        teacher = AutoModelForCausalLM.from_pretrained(resume_from / "ema", dtype=dtype).to(device)
+    elif resume_from is not None:  # frozen: the initial weights, as the first run had them
+        teacher = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, rope_factor=cfg.rope_factor,
+                             trust_remote_code=cfg.trust_remote_code)[0]
+    else:
+        teacher = copy.deepcopy(student)
+    teacher.eval().requires_grad_(False)
+    return Teacher(teacher, lm_head(teacher), ema=cfg.teacher == "ema" and not cfg.teacher_model)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The rate of optimizer step ``step`` (0-based), as Hugging Face schedules it: linear warmup
+    from 0 over --warmup-steps, then constant, or linear / cosine decay to 0 at --steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.lr_scheduler == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    if cfg.lr_scheduler == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -176,152 +158,172 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(cfg: TrainConfig) -> dict:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def load_data(cfg: TrainConfig, tokenizer) -> list[Example]:
+    if cfg.data:
+        return load_examples(cfg.data, cfg.allow_noncontiguous)
 
-    # ---- model, tokenizer, resume point ------------------------------------------------------
-    resume_from = latest_checkpoint(out) if cfg.resume else None
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    return make_examples(cfg.task, cfg.num_examples, cfg.context_tokens, count_tokens, cfg.seed)
+
+
+def train(cfg: TrainConfig) -> dict:
+    # ---- everything that can be refused is refused before the model loads ----------------------
+    check_train_options(cfg)
+    device = resolve_device(cfg.device)
+    check_model_source(cfg.model)
+    if cfg.teacher_model:
+        check_model_source(cfg.teacher_model, "--teacher-model")
+    if cfg.data:
+        load_examples(cfg.data, cfg.allow_noncontiguous)  # names the bad line, in seconds
+    out = Path(cfg.out)
+    resume_from = resume_point(out, cfg.resume)
+    claim_output_dir(out, cfg)
     if cfg.resume and resume_from is None:
         print(f"opsdl train: --resume found no checkpoint in {out}; starting from step 0")
+
+    # ---- model, tokenizer, resume point ------------------------------------------------------
     # (a checkpoint's config already records its RoPE scaling)
-    model, tokenizer = load_model(str(resume_from) if resume_from else cfg.model, device=device, seed=cfg.seed,
-                                  rope_factor=1.0 if resume_from else cfg.rope_factor)
-    state = torch.load(resume_from / "trainer_state.pt", weights_only=False) if resume_from else None
+    model, tokenizer = load_model(str(resume_from) if resume_from else cfg.model, dtype=cfg.dtype, device=device,
+                                  seed=cfg.seed, rope_factor=1.0 if resume_from else cfg.rope_factor,
+                                  trust_remote_code=cfg.trust_remote_code)
+    state = load_trainer_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
+    if resume_from:
+        rewind_log(out, start_step)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     head = lm_head(model)
 
-    # ---- teacher: the same weights (live), the initial weights (frozen), or their EMA ---------
-    teacher, ema_teacher = model, None  # (the sft baseline has no teacher)
-    if cfg.objective == "sft":
-        pass
-    elif cfg.teacher == "frozen":
-        teacher = (load_model(cfg.model, device=device, seed=cfg.seed, rope_factor=cfg.rope_factor)[0]
-                   if resume_from else copy.deepcopy(model))
-    elif cfg.teacher == "ema":
-        teacher = ema_teacher = (AutoModelForCausalLM.from_pretrained(resume_from / "ema").to(device)
-                                 if resume_from else copy.deepcopy(model))
-    if teacher is not model:
-        teacher.eval().requires_grad_(False)
-    teacher_head = lm_head(teacher)
+    # ---- teacher: the same weights (live), the initial weights or --teacher-model (frozen), EMA --
+    teacher = build_teacher(cfg, model, resume_from, device, model.dtype)
 
     # ---- data ----------------------------------------------------------------------------------
-    if cfg.data:
-        examples = load_examples(cfg.data, cfg.allow_noncontiguous)
-    else:
-        def count_tokens(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-        examples = make_examples(cfg.task, cfg.num_examples, cfg.context_tokens, count_tokens, cfg.seed)
-    items, dropped = prepare_prompts(cfg, examples, tokenizer)
+    items, dropped = prepare_prompts(cfg, load_data(cfg, tokenizer), tokenizer)
     if cfg.objective == "sft" and not all(item.example.answers() for item in items):
         raise ValueError("--objective sft: every example needs an 'answer' (the gold target)")
 
     turn_end = turn_end_id(tokenizer, stop_ids(model, tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if state:
+    if state and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
+    elif state:
+        print(f"opsdl train: {resume_from} holds no optimizer state (--no-save-optimizer); AdamW starts afresh")
     compute_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else head.weight.dtype
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    log_path = out / "log.jsonl"
     print(f"opsdl train: {len(items)} examples ({dropped} dropped as too long), objective={cfg.objective}, "
-          f"teacher={cfg.teacher}, estimator={cfg.estimator}, steps {start_step}->{cfg.steps}, device={device}, out={out}")
+          f"teacher={cfg.teacher_model or cfg.teacher}, estimator={cfg.estimator}, steps {start_step}->{cfg.steps}, "
+          f"device={device}, dtype={model.dtype}, out={out}")
 
     history = []
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="opsdl train")
-    for step in bar:
-        started = time.perf_counter()
-        # each step draws its prompts and its samples from its own seed: a resumed run repeats them
-        picker = random.Random(f"{cfg.seed}:{step}")
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
-        stats = {"tokens": 0, "rows": 0, "loss_sum": 0.0, "log_ratio_sum": 0.0, "found": [], "resp_len": []}
-        for _ in range(cfg.grad_accum):
-            batch = [items[picker.randrange(len(items))] for _ in range(cfg.batch_size)]
+    step = start_step
+    try:
+        for step in bar:
+            started = time.perf_counter()
+            # each step draws its prompts and its samples from its own seed: a resumed run repeats them
+            picker = random.Random(f"{cfg.seed}:{step}")
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            stats = {"tokens": 0, "rows": 0, "loss_sum": 0.0, "log_ratio_sum": 0.0, "found": [], "resp_len": []}
+            for _ in range(cfg.grad_accum):
+                batch = [items[picker.randrange(len(items))] for _ in range(cfg.batch_size)]
 
-            if cfg.objective == "sft":
-                # baseline: cross-entropy on the gold answers under the long context, no teacher
-                owners = batch
-                responses = [gold_answer_ids(tokenizer, o.example, turn_end) for o in owners]
-                targets = torch.tensor([t for r in responses for t in r], device=device)
-                with autocast:
-                    student_rows = packed_rows(model, [o.student for o in owners], responses, device)
-                loss = -fused_token_logprobs(student_rows.to(compute_dtype), head.weight.to(compute_dtype),
-                                             targets, softcap=head.softcap, impl=cfg.impl, reduction="mean",
-                                             bias=None if head.bias is None else head.bias.to(compute_dtype))
-                log_ratio = torch.zeros(len(targets))
-                (loss / cfg.grad_accum).backward()
-                stats["tokens"] += sum(len(o.student) + len(r) for o, r in zip(owners, responses))
-            else:
-                # 1. on-policy rollouts under the long context
-                rollouts = sample(model, tokenizer, [b.student for b in batch], temperature=cfg.temperature,
-                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  samples_per_prompt=cfg.samples_per_prompt)
-                responses = [r.tokens for r in rollouts]
-                owners = [batch[r.prompt_index] for r in rollouts]
-                targets = torch.tensor([t for r in responses for t in r], device=device)
+                if cfg.objective == "sft":
+                    # baseline: cross-entropy on the gold answers under the long context, no teacher
+                    owners = batch
+                    responses = [gold_answer_ids(tokenizer, o.example, turn_end) for o in owners]
+                    targets = torch.tensor([t for r in responses for t in r], device=device)
+                    with autocast:
+                        student_rows = packed_rows(model, [o.student for o in owners], responses, device)
+                    loss = -fused_token_logprobs(student_rows.to(compute_dtype), head.weight.to(compute_dtype),
+                                                 targets, softcap=head.softcap, impl=cfg.impl, reduction="mean",
+                                                 bias=None if head.bias is None else head.bias.to(compute_dtype))
+                    log_ratio = torch.zeros(len(targets))
+                    (loss / cfg.grad_accum).backward()
+                    stats["tokens"] += sum(len(o.student) + len(r) for o, r in zip(owners, responses))
+                else:
+                    # 1. on-policy rollouts under the long context
+                    rollouts = sample(model, tokenizer, [b.student for b in batch], temperature=cfg.temperature,
+                                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                      samples_per_prompt=cfg.samples_per_prompt)
+                    responses = [r.tokens for r in rollouts]
+                    owners = [batch[r.prompt_index] for r in rollouts]
+                    targets = torch.tensor([t for r in responses for t in r], device=device)
 
-                # 2. teacher: [short-context prompt ; y], no gradient
-                with torch.no_grad(), autocast:
-                    teacher_rows = packed_rows(teacher, [o.teacher for o in owners], responses, device)
+                    # 2. teacher: [short-context prompt ; y], no gradient
+                    with torch.no_grad(), autocast:
+                        teacher_rows = packed_rows(teacher.model, [o.teacher for o in owners], responses, device)
 
-                # 3. student: [long-context prompt ; y], with gradient
-                with autocast:
-                    student_rows = packed_rows(model, [o.student for o in owners], responses, device)
+                    # 3. student: [long-context prompt ; y], with gradient
+                    with autocast:
+                        student_rows = packed_rows(model, [o.student for o in owners], responses, device)
 
-                # 4. per-token reverse KL at the response rows; mean over this micro-batch's tokens
-                loss, log_ratio = distillation_loss(cfg, head, teacher_head, student_rows, teacher_rows, targets,
-                                                    compute_dtype)
-                (loss / cfg.grad_accum).backward()
-                stats["tokens"] += sum(len(o.student) + len(o.teacher) + 2 * len(r)
-                                       for o, r in zip(owners, responses))
+                    # 4. per-token reverse KL at the response rows, the teacher with its own head; mean
+                    #    over this micro-batch's tokens
+                    loss, log_ratio = distillation_loss(cfg, head, teacher.head, student_rows, teacher_rows, targets,
+                                                        compute_dtype)
+                    (loss / cfg.grad_accum).backward()
+                    stats["tokens"] += sum(len(o.student) + len(o.teacher) + 2 * len(r)
+                                           for o, r in zip(owners, responses))
 
-            stats["rows"] += len(targets)
-            stats["loss_sum"] += float(loss.detach()) * len(targets)
-            stats["log_ratio_sum"] += float(log_ratio.sum())
-            stats["resp_len"] += [len(r) for r in responses]
-            if cfg.objective == "opsdl":  # the drift signal: do the model's own answers hold the expected ones?
-                stats["found"] += [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
-                                   for o, r in zip(owners, responses)]
+                stats["rows"] += len(targets)
+                stats["loss_sum"] += float(loss.detach()) * len(targets)
+                stats["log_ratio_sum"] += float(log_ratio.sum())
+                stats["resp_len"] += [len(r) for r in responses]
+                if cfg.objective == "opsdl":  # the drift signal: do the model's own answers hold the expected ones?
+                    stats["found"] += [answer_found(tokenizer.decode(r, skip_special_tokens=True),
+                                                    o.example.answers()) for o, r in zip(owners, responses)]
 
-        # 5. AdamW step with clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema_teacher is not None:
-            with torch.no_grad():
-                for p_ema, p in zip(ema_teacher.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1.0 - cfg.ema_decay)
+            # 5. AdamW step at the scheduled rate, with clipping
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if teacher is not None and teacher.ema:
+                with torch.no_grad():
+                    for p_ema, p in zip(teacher.model.parameters(), model.parameters()):
+                        p_ema.lerp_(p, 1.0 - cfg.ema_decay)
 
-        seconds = time.perf_counter() - started
-        found = [f for f in stats["found"] if f is not None]
-        record = {
-            "step": step + 1,
-            "loss": stats["loss_sum"] / stats["rows"],
-            "kl_estimate": stats["loss_sum"] / stats["rows"] if cfg.estimator == "full"
-            else stats["log_ratio_sum"] / stats["rows"],
-            "mean_advantage": -stats["log_ratio_sum"] / stats["rows"],
-            "response_length": sum(stats["resp_len"]) / len(stats["resp_len"]),
-            "answer_rate": sum(found) / len(found) if found else None,
-            "grad_norm": float(grad_norm),
-            "seconds": seconds,
-            "tokens_per_s": stats["tokens"] / seconds,
-            "peak_memory_mib": peak_memory_mib(device),
-        }
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; stopping (see {log_path})")
-        history.append(record)
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.4f}", answers=record["answer_rate"], tok_s=f"{record['tokens_per_s']:.0f}")
+            seconds = time.perf_counter() - started
+            found = [f for f in stats["found"] if f is not None]
+            record = {
+                "step": step + 1,
+                "loss": stats["loss_sum"] / stats["rows"],
+                "kl_estimate": stats["loss_sum"] / stats["rows"] if cfg.estimator == "full"
+                else stats["log_ratio_sum"] / stats["rows"],
+                "mean_advantage": -stats["log_ratio_sum"] / stats["rows"],
+                "response_length": sum(stats["resp_len"]) / len(stats["resp_len"]),
+                "answer_rate": sum(found) / len(found) if found else None,
+                "grad_norm": float(grad_norm),
+                "lr": lr,
+                "seconds": seconds,
+                "tokens_per_s": stats["tokens"] / seconds,
+                "peak_memory_mib": peak_memory_mib(device),
+            }
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; stopping "
+                                         f"(see {out / 'log.jsonl'})")
+            history.append(record)
+            append_log(out, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", answers=record["answer_rate"],
+                            tok_s=f"{record['tokens_per_s']:.0f}")
 
-        # 6. checkpoint
-        done = step + 1
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            save_checkpoint(out, done, model, tokenizer, optimizer, ema_teacher, cfg)
+            # 6. checkpoint, keeping the newest --save-total-limit
+            done = step + 1
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                save_checkpoint(out, done, model, tokenizer, optimizer if cfg.save_optimizer else None,
+                                teacher.model if teacher is not None and teacher.ema else None, cfg)
+                prune_checkpoints(out, cfg.save_total_limit)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(out)
+        raise KeyboardInterrupt(
+            f"during step {step + 1} of {cfg.steps}; " + (
+                f"the last checkpoint is {last}: run the same command with --resume to continue from it"
+                if last else "no checkpoint was written yet (--save-every K writes one every K steps)")) from None
 
     summary = summarize(history, out)
     print(json.dumps(summary, indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from opsdl.model import lm_head, packed_hidden_states
-from opsdl.packing import pack
+from opsdl.packing import own_attention, pack
 from opsdl.train import packed_rows, response_rows
 from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
 
@@ -25,7 +25,8 @@ def test_rows_score_the_response_like_the_models_own_logits(tiny):
         ours = fused_token_logprobs(rows, head.weight, torch.tensor([t for r in responses for t in r]))
         expected = []
         for p, r in zip(prompts, responses):
-            logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
+            with own_attention(model):  # the model as transformers runs it, one sequence at a time
+                logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
             logp = torch.log_softmax(logits, -1)
             expected += [logp[len(p) - 1 + k, t] for k, t in enumerate(r)]
     assert torch.allclose(ours, torch.stack(expected), atol=1e-5)

@@ -147,3 +147,17 @@ def test_rope_stretch_is_position_interpolation(tmp_path):
     assert torch.allclose(a, c, atol=1e-5)
     with pytest.raises(ValueError, match="rope_factor"):
         stretch_rope(_model("llama"), 0.5)
+
+
+@pytest.mark.parametrize("shape,parameters", [("qwen2.5-1.5b", 1_543_714_304), ("qwen2.5-7b", 7_615_616_512),
+                                              ("llama-3.1-8b", 8_030_261_248)])
+def test_real_shapes_have_the_real_parameter_counts(shape, parameters):
+    """random:<shape> models are the published models' sizes (built on the meta device: no memory)."""
+    from opsdl.model import REAL_SHAPES
+
+    from transformers import AutoConfig
+
+    family, fields = REAL_SHAPES[shape]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields))
+    assert sum(p.numel() for p in model.parameters()) == parameters

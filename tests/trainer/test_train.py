@@ -47,7 +47,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
         train(TrainConfig(**TINY, steps=3, teacher=teacher, out=str(straight)))
         train(TrainConfig(**TINY, steps=2, teacher=teacher, save_every=1, out=str(broken)))  # "killed" after step 2
         (broken / ".tmp-checkpoint-000003").mkdir()  # a checkpoint write cut short by the kill
-        train(TrainConfig(**TINY, steps=3, teacher=teacher, resume=True, out=str(broken)))
+        train(TrainConfig(**TINY, steps=3, teacher=teacher, resume="latest", out=str(broken)))
         a, b = _weights(straight / "checkpoint-000003"), _weights(broken / "checkpoint-000003")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), teacher
         steps = [json.loads(line)["step"] for line in (broken / "log.jsonl").read_text().splitlines()]
@@ -149,3 +149,123 @@ def test_the_teacher_scores_with_its_own_head(tmp_path, monkeypatch, teacher):
         assert all(torch.equal(s, expected_first) for s in seen[1:])
     else:
         assert all(not torch.allclose(s, expected_first) for s in seen[1:])
+
+
+def test_learning_rate_schedules_follow_the_hugging_face_shapes(tmp_path):
+    import math
+
+    from opsdl.train import learning_rate
+
+    def rates(**kw):
+        cfg = TrainConfig(lr=1.0, steps=10, **kw)
+        return [learning_rate(cfg, s) for s in range(10)]
+
+    assert rates() == [1.0] * 10
+    assert rates(warmup_steps=4)[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert rates(lr_scheduler="linear", warmup_steps=2) == [0.0, 0.5] + [1 - k / 8 for k in range(8)]
+    cosine = rates(lr_scheduler="cosine")
+    assert all(abs(c - 0.5 * (1 + math.cos(math.pi * s / 10))) < 1e-12 for s, c in enumerate(cosine))
+    train(TrainConfig(**TINY, steps=3, warmup_steps=1, lr_scheduler="linear", out=str(tmp_path)))
+    log = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log == [0.0, TINY["lr"], TINY["lr"] / 2]
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path):
+    train(TrainConfig(**TINY, steps=3, save_every=1, save_total_limit=2, out=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    assert (tmp_path / "latest").read_text() == "checkpoint-000003"
+
+
+def test_overwrite_and_resume_from_a_given_checkpoint_rewind_the_log(tmp_path):
+    train(TrainConfig(**TINY, steps=3, save_every=1, out=str(tmp_path)))
+    first = _weights(tmp_path / "checkpoint-000003")
+    # from checkpoint 1: the log lines of steps 2 and 3 are dropped and written again
+    train(TrainConfig(**TINY, steps=3, save_every=1, resume=str(tmp_path / "checkpoint-000001"), out=str(tmp_path)))
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    again = _weights(tmp_path / "checkpoint-000003")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    (tmp_path / "notes.txt").write_text("mine")
+    train(TrainConfig(**TINY, steps=1, overwrite_output_dir=True, out=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001", "latest", "log.jsonl", "notes.txt"]
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_separate_teacher_model_scores_with_its_own_weights(tmp_path, monkeypatch):
+    import opsdl.train as loop
+
+    teacher_dir = tmp_path / "teacher"
+    bigger, tokenizer = load_model("tiny:llama", seed=7)
+    bigger.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    seen = []
+    real = loop.fused_rkl_loss
+
+    def spy(student, teacher_rows, weight, teacher_weight=None, **kwargs):
+        seen.append(teacher_weight.detach().clone())
+        return real(student, teacher_rows, weight, teacher_weight, **kwargs)
+
+    monkeypatch.setattr(loop, "fused_rkl_loss", spy)
+    train(TrainConfig(**TINY, steps=2, teacher_model=str(teacher_dir), out=str(tmp_path / "run")))
+    assert len(seen) == 2 and all(torch.equal(w, bigger.lm_head.weight) for w in seen)
+    other = tmp_path / "other-vocab"
+    from transformers import AutoModelForCausalLM
+
+    from opsdl.model import tiny_config
+
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(other)  # 512 entries
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ValueError, match="--teacher-model .*vocabulary has 512 entries"):
+        train(TrainConfig(**TINY, steps=1, teacher_model=str(other), out=str(tmp_path / "run2")))
+
+
+def test_bfloat16_weights_teacher_and_optimizer_state(tmp_path, monkeypatch):
+    import opsdl.train as loop
+
+    dtypes = []
+    real = loop.fused_rkl_loss
+
+    def spy(student, teacher_rows, weight, teacher_weight=None, **kwargs):
+        dtypes.append((student.dtype, teacher_rows.dtype, weight.dtype, teacher_weight.dtype))
+        return real(student, teacher_rows, weight, teacher_weight, **kwargs)
+
+    monkeypatch.setattr(loop, "fused_rkl_loss", spy)
+    train(TrainConfig(**TINY, steps=2, dtype="bfloat16", teacher="ema", out=str(tmp_path)))
+    assert dtypes == [(torch.bfloat16,) * 4] * 2
+    checkpoint = tmp_path / "checkpoint-000002"
+    assert {v.dtype for v in _weights(checkpoint).values()} == {torch.bfloat16}
+    assert {v.dtype for v in load_file(str(checkpoint / "ema" / "model.safetensors")).values()} == {torch.bfloat16}
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.bfloat16}
+
+
+def test_output_files_respect_the_umask(tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        train(TrainConfig(**TINY, steps=1, out=str(tmp_path)))
+    finally:
+        os.umask(previous)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "trainer_state.pt", "latest", "log.jsonl"} <= {p.name for p in files}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o644)}
+
+
+def test_trust_remote_code_is_off_unless_asked(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = load_model("tiny:llama", seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    asked = []
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, **kwargs):
+            asked.append(kwargs.get("trust_remote_code"))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_model(str(tmp_path / "m"))
+    load_model(str(tmp_path / "m"), trust_remote_code=True)
+    assert asked == [False, False, True, True]
