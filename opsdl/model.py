@@ -198,6 +198,16 @@ def decoder(model: PreTrainedModel) -> torch.nn.Module:
     return base
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers >= 5.24 names it
+    ``activation_checkpointing_enable``; earlier 5.x ``gradient_checkpointing_enable``)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def packed_hidden_states(model: PreTrainedModel, packed: Packed) -> Tensor:
     """Final hidden states (T, H) of a packed row, attention isolated per sequence; no logits.
     Switches ``model`` to packed-row attention for good (``use_varlen_attention``)."""

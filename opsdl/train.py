@@ -29,7 +29,8 @@ from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
 from .checkpoint import (append_log, claim_output_dir, latest_checkpoint, load_trainer_state, prune_checkpoints,
                          resume_point, rewind_log, save_checkpoint)
 from .data import Example, answer_found, load_examples, make_examples
-from .model import (LMHead, check_model_source, lm_head, load_model, packed_hidden_states, resolve_device)
+from .model import (LMHead, check_model_source, enable_checkpointing, lm_head, load_model, packed_hidden_states,
+                    resolve_device)
 from .options import TrainConfig, check_train_options
 from .packing import pack
 from .rollout import prompt_ids, sample, stop_ids, turn_end_id
@@ -158,10 +159,7 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def load_data(cfg: TrainConfig, tokenizer) -> list[Example]:
-    if cfg.data:
-        return load_examples(cfg.data, cfg.allow_noncontiguous)
-
+def synthetic_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False).input_ids)
 
@@ -175,8 +173,7 @@ def train(cfg: TrainConfig) -> dict:
     check_model_source(cfg.model)
     if cfg.teacher_model:
         check_model_source(cfg.teacher_model, "--teacher-model")
-    if cfg.data:
-        load_examples(cfg.data, cfg.allow_noncontiguous)  # names the bad line, in seconds
+    file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None  # names a bad line
     out = Path(cfg.out)
     resume_from = resume_point(out, cfg.resume)
     claim_output_dir(out, cfg)
@@ -193,7 +190,7 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from:
         rewind_log(out, start_step)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     head = lm_head(model)
 
@@ -201,7 +198,7 @@ def train(cfg: TrainConfig) -> dict:
     teacher = build_teacher(cfg, model, resume_from, device, model.dtype)
 
     # ---- data ----------------------------------------------------------------------------------
-    items, dropped = prepare_prompts(cfg, load_data(cfg, tokenizer), tokenizer)
+    items, dropped = prepare_prompts(cfg, file_examples or synthetic_examples(cfg, tokenizer), tokenizer)
     if cfg.objective == "sft" and not all(item.example.answers() for item in items):
         raise ValueError("--objective sft: every example needs an 'answer' (the gold target)")
 

@@ -84,3 +84,16 @@ def test_eval_resumes_finished_cells(tmp_path, monkeypatch):
     assert len(calls) == 2 and sorted(r["length"] for r in result["rows"]) == [64, 96]
     evaluate(EvalConfig(**{**cfg, "samples": 3}, lengths="64"))  # other settings: nothing reused
     assert len(calls) == 3
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_missing_plot_is_said(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import opsdl.eval as ev
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    evaluate(EvalConfig(model="tiny:llama", tasks="multikey", lengths="64", samples=2, max_new_tokens=3,
+                        out=str(tmp_path), device="cpu", short_context_check=False))
+    assert (tmp_path / "results.md").exists() and not (tmp_path / "accuracy.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opsdl.model import decoder, lm_head, packed_hidden_states, tiny_config
+from opsdl.model import decoder, enable_checkpointing, lm_head, packed_hidden_states, tiny_config
 from opsdl.packing import own_attention, pack
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2"]
@@ -52,12 +52,12 @@ def test_gradient_checkpointing_keeps_packed_sequences_apart(family):
     seqs = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (9, 4, 12)]
     probe = torch.randn(25, 64, generator=gen).to(model.device)
     plain = _packed_gradients(model, seqs, probe)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     checkpointed = _packed_gradients(model, seqs, probe)
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-5), (family, name)
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     model.zero_grad(set_to_none=True)
     with own_attention(model):  # each sequence alone, the model's own attention
         start = 0
