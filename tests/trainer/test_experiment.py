@@ -24,6 +24,10 @@ def test_experiment_trains_four_ways_evaluates_five_and_resumes(tmp_path):
     assert run["eval_seconds"]["timed_cells"] == run["eval_seconds"]["cells"] == 5 * 2  # 5 models x 2 lengths
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert {(r["model"], r["length"]) for r in rows} == {(m, n) for m in run["models"].values() for n in (64, 96)}
+    untrained = json.loads((tmp_path / "out" / "untrained-vartrack" / "results.json").read_text())
+    assert {(r["model"], r["task"], r["length"]) for r in untrained["rows"]} == \
+        {(m, "vartrack", n) for m in run["models"].values() for n in (64, 96)}
+    assert untrained["config"]["max_new_tokens"] == 5
     for name in ("opsdl-full", "opsdl-sampled", "opsdl-ema", "sft"):
         log = (tmp_path / "runs" / f"smoke-{name}" / "log.jsonl").read_text().splitlines()
         assert (tmp_path / "out" / "train_logs" / f"{name}.jsonl").read_text().splitlines() == log
