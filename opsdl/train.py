@@ -113,10 +113,11 @@ class Teacher:
     ema: bool  # updated after every optimizer step
 
 
-def build_teacher(cfg: TrainConfig, student, resume_from: Optional[Path], device, dtype) -> Optional[Teacher]:
+def build_teacher(cfg: TrainConfig, student, tokenizer, resume_from: Optional[Path], device,
+                  dtype) -> Optional[Teacher]:
     """live: the student's current weights; frozen: its initial weights (reloaded on resume), or
     --teacher-model; ema: a moving average, restored from the checkpoint on resume. A separate
-    teacher is checked to share the student's vocabulary."""
+    teacher is checked to share the student's tokenizer and vocabulary."""
     if cfg.objective == "sft":
         return None
     if cfg.teacher == "live":
@@ -129,6 +130,9 @@ def build_teacher(cfg: TrainConfig, student, resume_from: Optional[Path], device
             raise ValueError(f"--teacher-model {cfg.teacher_model}: its vocabulary has "
                              f"{lm_head(teacher).weight.shape[0]} entries, the student's {student_vocab}; "
                              "the teacher must share the student's tokenizer")
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"--teacher-model {cfg.teacher_model}: its tokenizer differs from the student's; the "
+                             "teacher scores the student's tokens, so both need the same tokenizer")
     elif cfg.teacher == "ema" and resume_from is not None:
         teacher = AutoModelForCausalLM.from_pretrained(resume_from / "ema", dtype=dtype).to(device)
     elif resume_from is not None:  # frozen: the initial weights, as the first run had them
@@ -195,7 +199,7 @@ def train(cfg: TrainConfig) -> dict:
     head = lm_head(model)
 
     # ---- teacher: the same weights (live), the initial weights or --teacher-model (frozen), EMA --
-    teacher = build_teacher(cfg, model, resume_from, device, model.dtype)
+    teacher = build_teacher(cfg, model, tokenizer, resume_from, device, model.dtype)
 
     # ---- data ----------------------------------------------------------------------------------
     items, dropped = prepare_prompts(cfg, file_examples or synthetic_examples(cfg, tokenizer), tokenizer)

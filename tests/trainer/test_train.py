@@ -269,3 +269,12 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path, monkeypatch):
     load_model(str(tmp_path / "m"))
     load_model(str(tmp_path / "m"), trust_remote_code=True)
     assert asked == [False, False, True, True]
+
+
+def test_a_teacher_model_with_another_tokenizer_is_refused(tmp_path):
+    model, tokenizer = load_model("tiny:llama", seed=3)
+    model.save_pretrained(tmp_path / "teacher")
+    tokenizer.add_tokens(["<an-extra-token>"])  # same vocabulary size in the model, another tokenizer
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="--teacher-model .*its tokenizer differs"):
+        train(TrainConfig(**TINY, steps=1, teacher_model=str(tmp_path / "teacher"), out=str(tmp_path / "run")))
