@@ -15,12 +15,11 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-import torch
 from tqdm import tqdm
 
 from .data import answer_found, make_examples
 from .files import write_atomic
-from .model import load_model
+from .model import load_model, resolve_device
 from .options import EvalConfig
 from .rollout import prompt_ids, sample
 
@@ -52,7 +51,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     lengths = _csv(cfg.lengths, "lengths", int)
     if cfg.samples < 1:
         raise ValueError(f"--samples: expected at least 1, got {cfg.samples}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _finished_rows(out / "results.json", cfg)

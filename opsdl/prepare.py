@@ -221,7 +221,7 @@ def _save_progress(out: Path, done: set[str], stats: PrepareStats) -> None:
 def prepare(cfg: PrepareConfig) -> PrepareStats:
     import torch
 
-    from .model import load_model
+    from .model import load_model, resolve_device
     from .rollout import chat_ids, sample
 
     if bool(cfg.docs) == bool(cfg.pydoc):
@@ -231,7 +231,7 @@ def prepare(cfg: PrepareConfig) -> PrepareStats:
     template = Path(cfg.template).read_text() if cfg.template else DEFAULT_TEMPLATE
     if "{segment}" not in template:
         raise DataError(f"--template: expected a {{segment}} placeholder in {cfg.template}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, seed=cfg.seed)
 
     def count_tokens(text: str) -> int:
