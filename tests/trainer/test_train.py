@@ -278,3 +278,12 @@ def test_a_teacher_model_with_another_tokenizer_is_refused(tmp_path):
     tokenizer.save_pretrained(tmp_path / "teacher")
     with pytest.raises(ValueError, match="--teacher-model .*its tokenizer differs"):
         train(TrainConfig(**TINY, steps=1, teacher_model=str(tmp_path / "teacher"), out=str(tmp_path / "run")))
+
+
+def test_no_save_optimizer_leaves_adamw_out_and_a_resume_says_so(tmp_path, capsys):
+    train(TrainConfig(**TINY, steps=2, save_every=1, save_optimizer=False, out=str(tmp_path)))
+    state = torch.load(tmp_path / "checkpoint-000001" / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"] is None and state["step"] == 1
+    train(TrainConfig(**TINY, steps=2, save_optimizer=False, resume=str(tmp_path / "checkpoint-000001"),
+                      out=str(tmp_path)))
+    assert "holds no optimizer state (--no-save-optimizer); AdamW starts afresh" in capsys.readouterr().out
