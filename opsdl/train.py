@@ -87,23 +87,32 @@ def packed_rows(model, prompts: list[list[int]], responses: list[list[int]], dev
 
 
 def distillation_loss(cfg: TrainConfig, head: LMHead, teacher_head: LMHead, student_rows, teacher_rows, targets,
-                      compute_dtype):
-    """The mean per-token loss over the response rows and, from the same fused call, the per-row
-    sampled log-ratio log p_s(y) - log p_t(y) (logged; the loss itself when --estimator sampled).
+                      compute_dtype, reduction: str = "mean"):
+    """The per-token loss over the response rows (mean, or sum) and, from the same fused call, the
+    per-row sampled log-ratio log p_s(y) - log p_t(y) (logged; the loss itself when --estimator sampled).
     The teacher scores with its own lm-head: a frozen or EMA teacher's head, not the student's
     live one (with tied embeddings the student's head moves every step)."""
     if teacher_head.softcap != head.softcap:
         raise ValueError(f"teacher: its final-logit softcap {teacher_head.softcap} differs from the student's "
                          f"{head.softcap}; the fused loss applies one softcap to both")
-
-    def cast(t):
-        return None if t is None else t.to(compute_dtype)
-
     shared = teacher_head.weight is head.weight  # the live teacher: one weight, read once
-    return fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype), cast(head.weight),
-                          None if shared else cast(teacher_head.weight), targets=targets, estimator=cfg.estimator,
-                          softcap=head.softcap, bias=cast(head.bias), teacher_bias=cast(teacher_head.bias),
-                          impl=cfg.impl, return_log_ratio=True)
+    return fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype),
+                          _cast(head.weight, compute_dtype), None if shared else _cast(teacher_head.weight, compute_dtype),
+                          targets=targets,
+                          estimator=cfg.estimator, softcap=head.softcap, bias=_cast(head.bias, compute_dtype),
+                          teacher_bias=_cast(teacher_head.bias, compute_dtype), impl=cfg.impl, reduction=reduction,
+                          return_log_ratio=True)
+
+
+def sft_loss(cfg: TrainConfig, head: LMHead, student_rows, targets, compute_dtype, reduction: str = "mean"):
+    """The baseline: cross-entropy of the gold answer tokens under the long context (mean, or sum)."""
+    return -fused_token_logprobs(student_rows.to(compute_dtype), _cast(head.weight, compute_dtype), targets,
+                                 softcap=head.softcap, impl=cfg.impl, reduction=reduction,
+                                 bias=_cast(head.bias, compute_dtype))
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
 
 
 @dataclass
@@ -155,6 +164,56 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_scheduler == "cosine":
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr
+
+
+@dataclass
+class StepStats:
+    """What a step's micro-batches add up to: sums only, so that ranks combine theirs in one all-reduce."""
+    tokens: float = 0.0  # tokens through the models (prompts and responses)
+    rows: float = 0.0  # response tokens trained on
+    loss_sum: float = 0.0
+    log_ratio_sum: float = 0.0
+    responses: float = 0.0
+    response_tokens: float = 0.0
+    answers_found: float = 0.0  # responses holding the expected answer(s), of
+    answers_checked: float = 0.0  # the responses that could be checked
+    rollout_seconds: float = 0.0
+
+    def add(self, loss_sum: float, log_ratio_sum: float, responses: list[list[int]], tokens: int,
+            found: list[Optional[bool]]) -> None:
+        self.tokens += tokens
+        self.rows += sum(len(r) for r in responses)
+        self.loss_sum += loss_sum
+        self.log_ratio_sum += log_ratio_sum
+        self.responses += len(responses)
+        self.response_tokens += sum(len(r) for r in responses)
+        checked = [f for f in found if f is not None]
+        self.answers_found += sum(checked)
+        self.answers_checked += len(checked)
+
+
+def step_record(cfg: TrainConfig, stats: StepStats, step: int, lr: float, grad_norm: float, seconds: float,
+                device: torch.device) -> dict:
+    """One line of log.jsonl: the step's means, rates and peak memory."""
+    return {
+        "step": step + 1,
+        "loss": stats.loss_sum / stats.rows,
+        "kl_estimate": (stats.loss_sum if cfg.estimator == "full" else stats.log_ratio_sum) / stats.rows,
+        "mean_advantage": -stats.log_ratio_sum / stats.rows,
+        "response_length": stats.response_tokens / stats.responses,
+        "answer_rate": stats.answers_found / stats.answers_checked if stats.answers_checked else None,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "seconds": seconds,
+        "rollout_seconds": stats.rollout_seconds,
+        "tokens_per_s": stats.tokens / seconds,
+        "peak_memory_mib": peak_memory_mib(device),
+    }
+
+
+def draw_prompts(items: list[Prompted], picker: random.Random, count: int) -> list[Prompted]:
+    """A micro-batch's prompts, drawn with replacement by the step's own generator."""
+    return [items[picker.randrange(len(items))] for _ in range(count)]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -227,9 +286,9 @@ def train(cfg: TrainConfig) -> dict:
             # each step draws its prompts and its samples from its own seed: a resumed run repeats them
             picker = random.Random(f"{cfg.seed}:{step}")
             torch.manual_seed(cfg.seed * 1_000_003 + step)
-            stats = {"tokens": 0, "rows": 0, "loss_sum": 0.0, "log_ratio_sum": 0.0, "found": [], "resp_len": []}
+            stats = StepStats()
             for _ in range(cfg.grad_accum):
-                batch = [items[picker.randrange(len(items))] for _ in range(cfg.batch_size)]
+                batch = draw_prompts(items, picker, cfg.batch_size)
 
                 if cfg.objective == "sft":
                     # baseline: cross-entropy on the gold answers under the long context, no teacher
@@ -238,17 +297,17 @@ def train(cfg: TrainConfig) -> dict:
                     targets = torch.tensor([t for r in responses for t in r], device=device)
                     with autocast:
                         student_rows = packed_rows(model, [o.student for o in owners], responses, device)
-                    loss = -fused_token_logprobs(student_rows.to(compute_dtype), head.weight.to(compute_dtype),
-                                                 targets, softcap=head.softcap, impl=cfg.impl, reduction="mean",
-                                                 bias=None if head.bias is None else head.bias.to(compute_dtype))
+                    loss = sft_loss(cfg, head, student_rows, targets, compute_dtype)
                     log_ratio = torch.zeros(len(targets))
                     (loss / cfg.grad_accum).backward()
-                    stats["tokens"] += sum(len(o.student) + len(r) for o, r in zip(owners, responses))
+                    tokens = sum(len(o.student) + len(r) for o, r in zip(owners, responses))
                 else:
                     # 1. on-policy rollouts under the long context
+                    rollout_started = time.perf_counter()
                     rollouts = sample(model, tokenizer, [b.student for b in batch], temperature=cfg.temperature,
                                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       samples_per_prompt=cfg.samples_per_prompt)
+                    stats.rollout_seconds += time.perf_counter() - rollout_started
                     responses = [r.tokens for r in rollouts]
                     owners = [batch[r.prompt_index] for r in rollouts]
                     targets = torch.tensor([t for r in responses for t in r], device=device)
@@ -266,16 +325,12 @@ def train(cfg: TrainConfig) -> dict:
                     loss, log_ratio = distillation_loss(cfg, head, teacher.head, student_rows, teacher_rows, targets,
                                                         compute_dtype)
                     (loss / cfg.grad_accum).backward()
-                    stats["tokens"] += sum(len(o.student) + len(o.teacher) + 2 * len(r)
-                                           for o, r in zip(owners, responses))
+                    tokens = sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
 
-                stats["rows"] += len(targets)
-                stats["loss_sum"] += float(loss.detach()) * len(targets)
-                stats["log_ratio_sum"] += float(log_ratio.sum())
-                stats["resp_len"] += [len(r) for r in responses]
-                if cfg.objective == "opsdl":  # the drift signal: do the model's own answers hold the expected ones?
-                    stats["found"] += [answer_found(tokenizer.decode(r, skip_special_tokens=True),
-                                                    o.example.answers()) for o, r in zip(owners, responses)]
+                # the drift signal: do the model's own answers hold the expected ones?
+                found = [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
+                         for o, r in zip(owners, responses)] if cfg.objective == "opsdl" else []
+                stats.add(float(loss.detach()) * len(targets), float(log_ratio.sum()), responses, tokens, found)
 
             # 5. AdamW step at the scheduled rate, with clipping
             lr = learning_rate(cfg, step)
@@ -289,22 +344,7 @@ def train(cfg: TrainConfig) -> dict:
                     for p_ema, p in zip(teacher.model.parameters(), model.parameters()):
                         p_ema.lerp_(p, 1.0 - cfg.ema_decay)
 
-            seconds = time.perf_counter() - started
-            found = [f for f in stats["found"] if f is not None]
-            record = {
-                "step": step + 1,
-                "loss": stats["loss_sum"] / stats["rows"],
-                "kl_estimate": stats["loss_sum"] / stats["rows"] if cfg.estimator == "full"
-                else stats["log_ratio_sum"] / stats["rows"],
-                "mean_advantage": -stats["log_ratio_sum"] / stats["rows"],
-                "response_length": sum(stats["resp_len"]) / len(stats["resp_len"]),
-                "answer_rate": sum(found) / len(found) if found else None,
-                "grad_norm": float(grad_norm),
-                "lr": lr,
-                "seconds": seconds,
-                "tokens_per_s": stats["tokens"] / seconds,
-                "peak_memory_mib": peak_memory_mib(device),
-            }
+            record = step_record(cfg, stats, step, lr, float(grad_norm), time.perf_counter() - started, device)
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; stopping "
                                          f"(see {out / 'log.jsonl'})")
