@@ -18,6 +18,7 @@ from .options import TrainConfig
 LOG = "log.jsonl"
 LATEST = "latest"
 STATE = "trainer_state.pt"
+SHARDS = "shards"  # a sharded run's checkpoint (torch.distributed.checkpoint), opsdl.fsdp_checkpoint
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -88,6 +89,10 @@ def prune_checkpoints(out: Path, keep: int) -> list[Path]:
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (checkpoint / SHARDS).is_dir()
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

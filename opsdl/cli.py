@@ -74,7 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
     return_freed_memory_to_the_system()
     try:
-        if args.command == "train":
+        if args.command == "train" and "WORLD_SIZE" in os.environ:  # started by torchrun
+            from .train_fsdp import train_fsdp as run
+        elif args.command == "train":
             from .train import train as run
         elif args.command == "prepare":
             from .prepare import prepare as run

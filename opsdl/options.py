@@ -58,6 +58,9 @@ class TrainConfig:
     dtype: str = option("float32", "dtype of the weights, the teacher's and the optimizer state (auto: the "
                                    "checkpoint's own)", ("float32", "bfloat16", "auto"), aliases=("--torch_dtype",))
     bf16: bool = option(False, "bf16 autocast over float32 weights (CUDA)")
+    rollout_gather: str = option("once", "under torchrun: 'once' gathers the whole model on each rank for the "
+                                         "rollouts, 'per-layer' gathers each layer for every token's forward "
+                                         "(less memory, much slower)", ("once", "per-layer"))
     gradient_checkpointing: bool = option(True, "recompute activations in the backward: a fraction of the "
                                                 "memory for about a third more student compute")
     trust_remote_code: bool = option(False, "run a model's own code from its folder (only for models you trust)")

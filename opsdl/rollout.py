@@ -75,9 +75,11 @@ def sample(
     top_p: float = 1.0,
     max_new_tokens: int = 32,
     samples_per_prompt: int = 1,
+    synced_gpus: bool = False,
 ) -> list[Rollout]:
     """``samples_per_prompt`` responses per prompt, left-padded into one ``generate`` call with the
-    KV cache, under the model's own attention implementation. A response ends at the first of any
+    KV cache, under the model's own attention implementation. ``synced_gpus``: ranks whose layers are
+gathered per forward (FSDP) keep stepping until every rank's batch has ended. A response ends at the first of any
     ``stop_ids`` (the generation config's EOS list). temperature 0 means greedy decoding. Reseed
     torch beforehand for reproducible samples."""
     if not prompts:
@@ -100,7 +102,7 @@ def sample(
     with torch.no_grad(), own_attention(model):
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                              num_return_sequences=samples_per_prompt, pad_token_id=pad, eos_token_id=stops,
-                             **sampling)
+                             synced_gpus=synced_gpus, **sampling)
     model.train(was_training)
     rollouts = []
     for i, row in enumerate(out[:, width:].tolist()):

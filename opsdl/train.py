@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM
 
 from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
 
-from .checkpoint import (append_log, claim_output_dir, latest_checkpoint, load_trainer_state, prune_checkpoints,
-                         resume_point, rewind_log, save_checkpoint)
+from .checkpoint import (append_log, claim_output_dir, is_sharded, latest_checkpoint, load_trainer_state,
+                         prune_checkpoints, resume_point, rewind_log, save_checkpoint)
 from .data import Example, answer_found, load_examples, make_examples
 from .model import (LMHead, check_model_source, enable_checkpointing, lm_head, load_model, packed_hidden_states,
                     resolve_device)
@@ -239,6 +239,9 @@ def train(cfg: TrainConfig) -> dict:
     file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None  # names a bad line
     out = Path(cfg.out)
     resume_from = resume_point(out, cfg.resume)
+    if resume_from is not None and is_sharded(resume_from):
+        raise ValueError(f"--resume {resume_from}: a sharded checkpoint of a torchrun run; continue it under torchrun "
+                         "(`torchrun --nproc-per-node 1 -m opsdl train ...` runs it on one device)")
     claim_output_dir(out, cfg)
     if cfg.resume and resume_from is None:
         print(f"opsdl train: --resume found no checkpoint in {out}; starting from step 0")

@@ -1,0 +1,4 @@
+"""``python -m opsdl`` and ``torchrun -m opsdl``: the command line."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Checkpoints of a sharded run, written with ``torch.distributed.checkpoint`` (DCP): every rank
+writes its own part of the weights, the optimizer state and the EMA teacher into one folder; DCP
+reshards on load, so a run resumes on the same or another number of ranks. The folder is
+written under a temporary name and renamed by rank 0 after all ranks finished, as the single-
+process checkpoints are. The last checkpoint also holds the consolidated model
+(``save_pretrained``, written by rank 0), which plain transformers and ``opsdl eval`` load.
+
+    checkpoint-000010/
+      shards/            DCP: {"model", "optimizer" (unless --no-save-optimizer), "ema"}
+      trainer_state.pt   step, config, world size
+      config.json, tokenizer files; model.safetensors in the last checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from .checkpoint import LATEST, SHARDS, STATE
+from .files import sync_folder, write_atomic
+from .fsdp import Policy, Ranks
+from .options import TrainConfig
+
+T = TypeVar("T")
+
+
+def on_main(ranks: Ranks, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only and hand its result to every rank; an error it raises is raised
+    on every rank, so that none waits in a collective for a rank that gave up."""
+    outcome: list = [None, None]
+    if ranks.main:
+        try:
+            outcome = [work(), None]
+        except (ValueError, OSError) as e:
+            outcome = [None, e]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def save_sharded_checkpoint(out: Path, step: int, policy: Policy, tokenizer, optimizer: Optional[torch.optim.Optimizer],
+                            ema: Optional[Policy], cfg: TrainConfig, ranks: Ranks, export: bool) -> Path:
+    """checkpoint-<step>/ as the module docstring lays out; ``export`` adds the consolidated model."""
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+
+    def fresh_tmp() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    on_main(ranks, fresh_tmp)
+    model_state, optimizer_state = get_state_dict(policy, [optimizer] if optimizer is not None else [])
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer_state
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)
+    dcp.save(state, checkpoint_id=tmp / SHARDS)
+    whole_model = consolidated_state(policy) if export else None
+
+    def publish() -> Path:
+        if whole_model is not None:
+            policy.model.save_pretrained(tmp, state_dict=whole_model, safe_serialization=True)
+        else:
+            policy.model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": None, "config": dataclasses.asdict(cfg), "world_size": ranks.world},
+                   tmp / STATE)
+        sync_folder(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomic(out / LATEST, final.name)
+        return final
+
+    return on_main(ranks, publish)
+
+
+def consolidated_state(policy: Policy) -> Optional[dict]:
+    """The whole model's state dict in CPU memory on rank 0 (None elsewhere), gathered one tensor at a
+    time, with the transformers names (no ``model.`` prefix of the Policy)."""
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    return {name.removeprefix("model."): tensor for name, tensor in full.items()}
+
+
+def load_sharded_checkpoint(checkpoint: Path, policy: Policy, optimizer: torch.optim.Optimizer,
+                            ema: Optional[Policy]) -> bool:
+    """Fill the sharded model, the optimizer (when the checkpoint has its state; the answer) and the
+    EMA teacher from ``checkpoint``, whatever number of ranks wrote it."""
+    has_optimizer = _holds(checkpoint, "optimizer")
+    if ema is not None and not _holds(checkpoint, "ema"):
+        raise ValueError(f"--resume {checkpoint}: it holds no EMA teacher (the run it continues did not use "
+                         "--teacher ema)")
+    model_state, optimizer_state = get_state_dict(policy, [optimizer] if has_optimizer else [])
+    state = {"model": model_state}
+    if has_optimizer:
+        state["optimizer"] = optimizer_state
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)
+    dcp.load(state, checkpoint_id=checkpoint / SHARDS)
+    set_state_dict(policy, [optimizer] if has_optimizer else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+    if ema is not None:
+        set_model_state_dict(ema, state["ema"])
+    return has_optimizer
+
+
+def _holds(checkpoint: Path, key: str) -> bool:
+    metadata = dcp.FileSystemReader(str(checkpoint / SHARDS)).read_metadata()
+    return any(name.split(".", 1)[0] == key for name in metadata.state_dict_metadata)

@@ -1,0 +1,205 @@
+"""The OPSDL loop on many ranks: ``opsdl.train``'s reference loop with the model sharded by FSDP2,
+each rank drawing its own prompts and sampling its own rollouts, and the loss the mean over all
+ranks' response tokens, so that K ranks with --batch-size b train as one process with K x b.
+
+    torchrun --nproc-per-node 8 -m opsdl train --model Qwen/Qwen2.5-7B-Instruct --bf16 ...
+    torchrun --nproc-per-node 2 -m opsdl train --model tiny:llama --device cpu      # gloo, on a CPU
+
+Per step, on every rank: draw the step's K x b prompts from the step's seed and take this rank's
+b -> rollouts with the weights gathered once (``--rollout-gather``) -> the teacher's rows, no
+gradient -> the student's loss inside the sharded root's forward (``fsdp.Policy``), scaled by the
+global token count -> FSDP2 reduce-scatters the gradients -> AdamW on the shards. Logs, the
+progress bar and the summary come from rank 0; checkpoints from every rank (``fsdp_checkpoint``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from .checkpoint import (append_log, claim_output_dir, is_sharded, latest_checkpoint, load_trainer_state,
+                         prune_checkpoints, resume_point, rewind_log)
+from .data import answer_found, load_examples
+from .fsdp import Ranks, all_reduce, gathered_for_rollouts, init_ranks, shard, whole
+from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_checkpoint
+from .model import check_model_source, enable_checkpointing, lm_head, load_model
+from .options import TrainConfig, check_train_options
+from .rollout import sample, stop_ids, turn_end_id
+from .train import (StepStats, draw_prompts, gold_answer_ids, learning_rate, prepare_prompts, step_record, summarize,
+                    synthetic_examples)
+
+__all__ = ["train_fsdp"]
+
+
+def train_fsdp(cfg: TrainConfig) -> dict:
+    """Run under torchrun (WORLD_SIZE set); every rank calls it with the same ``cfg``."""
+    check_train_options(cfg)
+    ranks = init_ranks(cfg.device)
+    summary = _train(cfg, ranks)
+    if ranks.owns_group:
+        dist.destroy_process_group()
+    return summary
+
+
+def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
+    # ---- refused before any model loads, on every rank alike ----------------------------------
+    check_model_source(cfg.model)
+    if cfg.teacher_model:
+        check_model_source(cfg.teacher_model, "--teacher-model")
+    file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None
+    out = Path(cfg.out)
+    resume_from = resume_point(out, cfg.resume)
+    if resume_from is not None and not is_sharded(resume_from):
+        raise ValueError(f"--resume {resume_from}: a single-process checkpoint; under torchrun continue a torchrun "
+                         "run's checkpoint, or load these weights with --model "
+                         f"{resume_from} (the optimizer then starts afresh)")
+    on_main(ranks, lambda: claim_output_dir(out, cfg))
+    state = load_trainer_state(resume_from) if resume_from else None
+    start_step = state["step"] if state else 0
+    if resume_from:
+        on_main(ranks, lambda: rewind_log(out, start_step))
+
+    # ---- models: loaded whole on the CPU by each rank, then sharded layer by layer ------------
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device="cpu", seed=cfg.seed,
+                                  rope_factor=cfg.rope_factor, trust_remote_code=cfg.trust_remote_code)
+    teacher_model = None
+    if cfg.objective == "opsdl" and cfg.teacher_model:
+        teacher_model = load_model(cfg.teacher_model, dtype=model.dtype, device="cpu",
+                                   trust_remote_code=cfg.trust_remote_code)[0]
+    elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):
+        teacher_model = copy.deepcopy(model)  # the initial weights; the EMA state comes from the checkpoint
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    turn_end = turn_end_id(tokenizer, stop_ids(model, tokenizer))
+    policy = shard(model.train(), ranks, cfg.bf16)
+    teacher = policy
+    if teacher_model is not None:
+        if lm_head(teacher_model).weight.shape[0] != lm_head(model).weight.shape[0]:
+            raise ValueError(f"--teacher-model {cfg.teacher_model}: its vocabulary differs from the student's; the "
+                             "teacher must share the student's tokenizer")
+        teacher = shard(teacher_model.eval().requires_grad_(False), ranks, cfg.bf16)
+    ema = teacher if cfg.objective == "opsdl" and cfg.teacher == "ema" and not cfg.teacher_model else None
+
+    items, dropped = prepare_prompts(cfg, file_examples or synthetic_examples(cfg, tokenizer), tokenizer)
+    if cfg.objective == "sft" and not all(item.example.answers() for item in items):
+        raise ValueError("--objective sft: every example needs an 'answer' (the gold target)")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume_from and not load_sharded_checkpoint(resume_from, policy, optimizer, ema) and ranks.main:
+        print(f"opsdl train: {resume_from} holds no optimizer state (--no-save-optimizer); AdamW starts afresh")
+    if ranks.main:
+        print(f"opsdl train: {ranks.world} ranks ({ranks.device.type}), {len(items)} examples ({dropped} dropped as "
+              f"too long), objective={cfg.objective}, teacher={cfg.teacher_model or cfg.teacher}, "
+              f"estimator={cfg.estimator}, steps {start_step}->{cfg.steps}, {cfg.batch_size} prompts per rank and "
+              f"micro-batch, out={out}")
+
+    history = []
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="opsdl train",
+               disable=not ranks.main)
+    step = start_step
+    try:
+        for step in bar:
+            started = time.perf_counter()
+            # the step's prompts come from its own seed, the same on every rank; rank r takes the
+            # r-th slice. Sampling noise differs per rank (rank 0 draws what a single process would).
+            picker = random.Random(f"{cfg.seed}:{step}")
+            torch.manual_seed(cfg.seed * 1_000_003 + step + 7_919 * ranks.rank)
+            stats = StepStats()
+            for _ in range(cfg.grad_accum):
+                everyone = draw_prompts(items, picker, cfg.batch_size * ranks.world)
+                batch = everyone[ranks.rank * cfg.batch_size:(ranks.rank + 1) * cfg.batch_size]
+
+                # 1. responses: the gold answers (sft) or on-policy rollouts under the long context
+                if cfg.objective == "sft":
+                    owners, responses = batch, [gold_answer_ids(tokenizer, b.example, turn_end) for b in batch]
+                else:
+                    rollout_started = time.perf_counter()
+                    once = cfg.rollout_gather == "once"
+                    with gathered_for_rollouts(policy, once=once):
+                        rollouts = sample(policy.model, tokenizer, [b.student for b in batch],
+                                          temperature=cfg.temperature, top_p=cfg.top_p,
+                                          max_new_tokens=cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt,
+                                          synced_gpus=not once and ranks.world > 1)
+                    stats.rollout_seconds += time.perf_counter() - rollout_started
+                    owners, responses = [batch[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts]
+                targets = torch.tensor([t for r in responses for t in r], device=ranks.device)
+                # the mean over every rank's response tokens; FSDP2 averages gradients over the ranks
+                global_rows = all_reduce([len(targets)], ranks)[0]
+                scale = ranks.world / (global_rows * cfg.grad_accum)
+                students = [o.student for o in owners]
+
+                if cfg.objective == "sft":
+                    loss_sum, log_ratio = policy(students, responses, mode="sft", cfg=cfg, targets=targets)
+                    tokens = sum(len(o.student) + len(r) for o, r in zip(owners, responses))
+                else:
+                    # 2. teacher rows, no gradient; 3.-4. the student's loss against them in its forward,
+                    #    a separate teacher's head gathered for that call
+                    with torch.no_grad():
+                        teacher_rows = teacher([o.teacher for o in owners], responses, mode="rows")
+                    if teacher is policy:
+                        loss_sum, log_ratio = policy(students, responses, mode="distill", cfg=cfg, targets=targets,
+                                                     teacher_rows=teacher_rows)
+                    else:
+                        with whole(teacher):
+                            loss_sum, log_ratio = policy(students, responses, mode="distill", cfg=cfg,
+                                                         targets=targets, teacher_rows=teacher_rows,
+                                                         teacher_head=lm_head(teacher.model))
+                    tokens = sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
+                (loss_sum * scale).backward()
+                found = [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
+                         for o, r in zip(owners, responses)] if cfg.objective == "opsdl" else []
+                stats.add(float(loss_sum.detach()), float(log_ratio.sum()), responses, tokens, found)
+
+            # 5. AdamW on the shards at the scheduled rate, clipped by the global gradient norm
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
+                        p_ema.lerp_(p, 1.0 - cfg.ema_decay)
+
+            # the step's sums over all ranks; the rollout time is the slowest rank's
+            summed = StepStats(*all_reduce(list(dataclasses.astuple(stats)), ranks))
+            summed.rollout_seconds = all_reduce([stats.rollout_seconds], ranks, dist.ReduceOp.MAX)[0]
+            record = step_record(cfg, summed, step, lr, float(grad_norm), time.perf_counter() - started,
+                                 ranks.device)
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; stopping "
+                                         f"(see {out / 'log.jsonl'})")
+            history.append(record)
+            if ranks.main:
+                append_log(out, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", answers=record["answer_rate"],
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+
+            # 6. checkpoint from every rank, the last one with the consolidated model
+            done = step + 1
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                save_sharded_checkpoint(out, done, policy, tokenizer, optimizer if cfg.save_optimizer else None,
+                                        ema, cfg, ranks, export=done == cfg.steps)
+                on_main(ranks, lambda: prune_checkpoints(out, cfg.save_total_limit))
+    except KeyboardInterrupt:
+        last = latest_checkpoint(out)
+        raise KeyboardInterrupt(
+            f"during step {step + 1} of {cfg.steps}; " + (
+                f"the last checkpoint is {last}: run the same command with --resume to continue from it"
+                if last else "no checkpoint was written yet (--save-every K writes one every K steps)")) from None
+
+    summary = summarize(history, out)
+    if ranks.main:
+        print(json.dumps(summary, indent=1))
+    return summary
+
