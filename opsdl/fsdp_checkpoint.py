@@ -24,6 +24,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from transformers import PreTrainedModel
+
 from .checkpoint import LATEST, SHARDS, STATE
 from .files import sync_folder, write_atomic
 from .fsdp import Policy, Ranks
@@ -68,7 +70,7 @@ def save_sharded_checkpoint(out: Path, step: int, policy: Policy, tokenizer, opt
 
     def publish() -> Path:
         if whole_model is not None:
-            policy.model.save_pretrained(tmp, state_dict=whole_model, safe_serialization=True)
+            plain_model(policy.model, whole_model).save_pretrained(tmp, safe_serialization=True)
         else:
             policy.model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -90,6 +92,17 @@ def consolidated_state(policy: Policy) -> Optional[dict]:
     if dist.get_rank() != 0:
         return None
     return {name.removeprefix("model."): tensor for name, tensor in full.items()}
+
+
+def plain_model(sharded: PreTrainedModel, state: dict) -> PreTrainedModel:
+    """A model of the sharded one's class and config around the gathered tensors (built on the meta
+    device and assigned: no second copy), its ties made again, as ``save_pretrained`` expects."""
+    with torch.device("meta"):
+        plain = type(sharded)(sharded.config)
+    plain.load_state_dict(state, assign=True)
+    plain.tie_weights()
+    plain.generation_config = sharded.generation_config
+    return plain
 
 
 def load_sharded_checkpoint(checkpoint: Path, policy: Policy, optimizer: torch.optim.Optimizer,

@@ -1,0 +1,100 @@
+"""The rank side of tests/trainer/test_fsdp.py, started there with ``torchrun`` (not a test module).
+
+    torchrun --nproc-per-node 2 tests/trainer/fsdp_worker.py JOB.json
+
+JOB.json: {"gradients": [model folders], "grad_out": path, "train": [TrainConfig fields, ...],
+"fail_on_rank": rank or null}. Every rank joins one gloo group and runs the jobs in order.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+import opsdl.train_fsdp
+from opsdl.fsdp import init_ranks, shard, whole
+from opsdl.model import lm_head
+from opsdl.options import TrainConfig
+from opsdl.train import distillation_loss, packed_rows
+from opsdl.train_fsdp import train_fsdp
+
+
+def sequences(vocab: int, count: int, seed: int) -> tuple[list, list, list]:
+    """Student prompts, teacher prompts and responses of assorted lengths, the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(low: int, high: int) -> list[int]:
+        return torch.randint(0, vocab, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+
+    return ([draw(12, 30) for _ in range(count)], [draw(4, 10) for _ in range(count)],
+            [draw(2, 7) for _ in range(count)])
+
+
+def gradient_errors(folder: str, ranks) -> dict:
+    """Every parameter's gradient of one distillation step, sharded over the ranks (each with its
+    share of the sequences, the loss scaled by the global token count) against one process with all
+    of them (the mean over all tokens): the largest difference relative to the largest gradient."""
+    cfg = TrainConfig(estimator="full", impl="torch")
+    student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    with torch.no_grad():  # a teacher that differs from the student, with its own head
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    students, teachers, responses = sequences(student.config.vocab_size, 2 * ranks.world, seed=7)
+    targets = torch.tensor([t for r in responses for t in r])
+
+    reference = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher_rows = packed_rows(teacher, teachers, responses, "cpu")
+    loss, _ = distillation_loss(cfg, lm_head(reference), lm_head(teacher), packed_rows(reference, students, responses,
+                                                                                       "cpu"), teacher_rows, targets,
+                                torch.float32)
+    loss.backward()
+
+    policy, sharded_teacher = shard(student, ranks, bf16=False), shard(teacher, ranks, bf16=False)
+    mine = slice(2 * ranks.rank, 2 * ranks.rank + 2)
+    my_targets = torch.tensor([t for r in responses[mine] for t in r])
+    with torch.no_grad():
+        my_teacher_rows = sharded_teacher(teachers[mine], responses[mine], mode="rows")
+    with whole(sharded_teacher):
+        loss_sum, _ = policy(students[mine], responses[mine], mode="distill", cfg=cfg, targets=my_targets,
+                             teacher_rows=my_teacher_rows, teacher_head=lm_head(sharded_teacher.model))
+    (loss_sum * ranks.world / len(targets)).backward()
+
+    expected = dict(reference.named_parameters())
+    worst, head_error = 0.0, None
+    for name, param in policy.model.named_parameters():
+        got = param.grad.full_tensor()
+        want = expected[name].grad
+        error = float((got - want).abs().max() / want.abs().max())
+        worst = max(worst, error)
+        if param is lm_head(policy.model).weight:
+            head_error = error
+    return {"worst": worst, "lm_head": head_error, "tied": student.config.tie_word_embeddings,
+            "loss": float(loss)}
+
+
+def main(job_file: str) -> None:
+    job = json.loads(Path(job_file).read_text())
+    ranks = init_ranks("cpu")
+    if job.get("gradients"):
+        errors = {folder: gradient_errors(folder, ranks) for folder in job["gradients"]}
+        if ranks.main:
+            Path(job["grad_out"]).write_text(json.dumps(errors))
+    if job.get("fail_on_rank") == ranks.rank:
+        def broken_sample(*args, **kwargs):
+            raise RuntimeError(f"injected failure on rank {ranks.rank}")
+
+        opsdl.train_fsdp.sample = broken_sample
+    for fields in job.get("train", []):
+        train_fsdp(TrainConfig(**fields))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,143 @@
+"""Training on many ranks (torchrun + FSDP2) against one process, on the CPU with gloo.
+
+One torchrun launch of two ranks (``fsdp_worker.py``) computes the sharded gradients and runs the
+sharded trainings; the single-process references run here. With greedy rollouts and the step's
+prompts split over the ranks, two ranks with batch b must train exactly as one process with 2b.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from opsdl.model import load_model, tiny_config
+from opsdl.options import TrainConfig
+from opsdl.train import train
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+MODELS = [("llama", True), ("llama", False), ("gemma2", True), ("gemma2", False)]
+# large enough a rate that two steps move every trained weight by ~1e-3: a 1e-5 agreement is a real one
+RUN = dict(device="cpu", steps=2, context_tokens=64, num_examples=8, max_new_tokens=6, temperature=0.0, lr=1e-3,
+           impl="torch", seed=3)
+
+
+def torchrun(ranks: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Model folders (tied and untied tiny Llama and Gemma-2), and one two-rank launch of every job."""
+    root = tmp_path_factory.mktemp("fsdp")
+    tokenizer = load_model("tiny:llama")[1]
+    folders = {}
+    for family, tied in MODELS:
+        torch.manual_seed(0)
+        config = tiny_config(family, vocab_size=len(tokenizer), tie_word_embeddings=tied)
+        model = AutoModelForCausalLM.from_config(config)
+        folder = root / f"{family}-{'tied' if tied else 'untied'}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[(family, tied)] = str(folder)
+    train_jobs = [dict(RUN, model=folder, batch_size=2, out=str(root / "sharded" / Path(folder).name))
+                  for folder in folders.values()]
+    llama = folders[("llama", True)]
+    train_jobs += [dict(RUN, model=llama, batch_size=2, steps=3, teacher="ema", out=str(root / "uninterrupted")),
+                   dict(RUN, model=llama, batch_size=2, teacher="ema", out=str(root / "stopped"))]
+    job = {"gradients": list(folders.values()), "grad_out": str(root / "gradients.json"), "train": train_jobs}
+    (root / "job.json").write_text(json.dumps(job))
+    done = torchrun(2, [str(WORKER), str(root / "job.json")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root, folders, done
+
+
+@pytest.mark.parametrize("family,tied", MODELS)
+def test_sharded_gradients_equal_one_process(launched, family, tied):
+    root, folders, _ = launched
+    errors = json.loads((root / "gradients.json").read_text())[folders[(family, tied)]]
+    assert errors["tied"] == tied and errors["loss"] > 0
+    assert errors["lm_head"] < 1e-5, errors
+    assert errors["worst"] < 1e-5, errors
+
+
+def weights(checkpoint: Path) -> dict:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family,tied", MODELS)
+def test_two_ranks_train_as_one_process_with_twice_the_batch(launched, tmp_path, family, tied):
+    root, folders, _ = launched
+    folder = folders[(family, tied)]
+    single = train(TrainConfig(**RUN, model=folder, batch_size=4, out=str(tmp_path / "single")))
+    sharded = root / "sharded" / Path(folder).name / "checkpoint-000002"
+    got, want = weights(sharded), weights(Path(single["checkpoint"]))
+    initial = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert sorted(got) == sorted(want)
+    moved = max(float((want[k] - initial[k]).abs().max()) for k in want)
+    assert moved > 5e-4  # the steps changed the weights, so agreeing below means something
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5
+    log = [json.loads(line) for line in (sharded.parent / "log.jsonl").read_text().splitlines()]
+    single_log = [json.loads(line) for line in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    for mine, theirs in zip(log, single_log):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+        assert mine["response_length"] == theirs["response_length"]
+
+
+def test_resume_on_one_rank_continues_a_two_rank_run(launched):
+    """Stopped after step 2 on two ranks, resumed on one rank with the whole batch: step 3 as the
+    uninterrupted two-rank run made it (weights, optimizer and EMA teacher resharded by DCP)."""
+    root, folders, _ = launched
+    stopped = root / "stopped"
+    assert (stopped / "checkpoint-000002" / "shards").is_dir()
+    args = ["-m", "opsdl", "train", "--model", folders[("llama", True)], "--out", str(stopped), "--resume",
+            "--steps", "3", "--batch-size", "4", "--teacher", "ema"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items() if k != "steps"]
+    done = torchrun(1, args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got, want = weights(stopped / "checkpoint-000003"), weights(root / "uninterrupted" / "checkpoint-000003")
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5
+    log = [json.loads(line)["step"] for line in (stopped / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3]
+
+
+def test_the_exported_model_loads_and_generates_in_plain_transformers(launched):
+    root, folders, _ = launched
+    checkpoint = root / "sharded" / "gemma2-tied" / "checkpoint-000002"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    out = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_a_single_process_run_refuses_a_sharded_checkpoint(launched, tmp_path):
+    root, folders, _ = launched
+    with pytest.raises(ValueError, match="sharded checkpoint of a torchrun run"):
+        train(TrainConfig(**RUN, model=folders[("llama", True)], out=str(tmp_path / "x"),
+                          resume=str(root / "stopped" / "checkpoint-000002")))
+
+
+def test_logs_come_from_rank_zero_only(launched):
+    root, _, done = launched
+    runs = len(json.loads((root / "job.json").read_text())["train"])
+    assert done.stdout.count('"steps_run"') == runs  # one summary per run, not one per rank
+    assert done.stdout.count("opsdl train: 2 ranks (cpu)") == runs
+
+
+def test_a_failing_rank_stops_the_run_with_its_error(tmp_path):
+    job = {"fail_on_rank": 1, "train": [dict(RUN, model="tiny:llama", batch_size=1, out=str(tmp_path / "run"))]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    done = torchrun(2, [str(WORKER), str(tmp_path / "job.json")], timeout=300)
+    assert done.returncode != 0
+    assert "injected failure on rank 1" in done.stdout + done.stderr
