@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             "opsdl-ema": dict(estimator="full", teacher="ema"), "sft": dict(objective="sft")}
     checkpoints, train_seconds = [], {}
     for name, extra in runs.items():
+        # a checkpoint every 5 steps (the newest kept): an interrupted experiment resumes mid-training
         cfg = TrainConfig(model=args.model, out=str(args.runs / f"{args.preset}-{name}"), resume="latest",
-                          **preset["train"], **extra)
+                          save_every=5, save_total_limit=1, **preset["train"], **extra)
         done = latest_checkpoint(Path(cfg.out))
         if done is None or done.name != f"checkpoint-{cfg.steps:06d}":  # (re)start or resume training
             done = Path(train(cfg)["checkpoint"])
