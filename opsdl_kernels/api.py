@@ -11,8 +11,10 @@ from torch import Tensor
 
 from . import torch_impl
 from .autograd import GradientInForward, NoRows, Recompute, operands, unit_scale
-from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows
+from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows, lean_plan
+from .paths import lean_forward
 from .state import LossSpec, log_ratio
+from .vocab_parallel import VocabShard, local_rows, vocab_shard
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ESTIMATORS = ("full", "sampled")
@@ -152,7 +154,7 @@ def _reduce(values: Tensor, rows: Optional[Tensor], lead: torch.Size, reduction:
 
 
 def _fast_chunk(n_rows: int, weight: Tensor, teacher: bool, row_weights: Optional[Tensor], reduction: str,
-                memory: str, budget: int) -> int:
+                memory: str, budget: int, planned_vocab: int) -> int:
     """Rows per chunk of the fast path, or 0 for the lean one. "auto" goes lean where the fast path
     cannot serve: no reduction (each row's weight comes with the backward), token weights that
     require grad (their gradient needs the per-row values in the graph), fp16 (a loss scaler's
@@ -162,11 +164,11 @@ def _fast_chunk(n_rows: int, weight: Tensor, teacher: bool, row_weights: Optiona
         return 0
     if memory == "auto" and weight.dtype == torch.float16:
         return 0
-    chunk = fast_chunk_rows(n_rows, weight.shape[0], teacher, budget)
+    chunk = fast_chunk_rows(n_rows, planned_vocab, teacher, budget)
     if memory == "fast" and not chunk:
         rows = min(n_rows, MIN_FAST_ROWS)
         raise ValueError(f"memory_budget: memory='fast' needs a chunk of {rows} rows of fp32 logits "
-                         f"({rows * weight.shape[0] * 4 * (2 if teacher else 1)} bytes), got a budget of {budget} "
+                         f"({rows * planned_vocab * 4 * (2 if teacher else 1)} bytes), got a budget of {budget} "
                          "bytes; raise it or use memory='auto' or 'lean'")
     return chunk
 
@@ -175,7 +177,7 @@ def _fused(
     spec: LossSpec, backend: ModuleType, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
     teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
     row_weights: Optional[Tensor], rows: Optional[Tensor], lead: torch.Size, reduction: str, memory: str,
-    budget: int,
+    budget: int, shard: Optional[VocabShard],
 ) -> tuple[Tensor, Tensor]:
     """The loss (reduced, or per row in the leading shape) and the per-row state, by the path that
     fits: no gradient -> one fused forward; gradient and row weights known now -> the fast path when
@@ -183,18 +185,23 @@ def _fused(
     n_rows = h.shape[0]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))):
         with torch.no_grad():
-            ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
-            state = backend.forward_state(ops, budget)
+            ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard)
+            if shard is None:
+                state = backend.forward_state(ops, budget)
+            else:  # the slab loop of the lean path, whose partial states merge over the ranks at the end
+                state = lean_forward(backend.logit_rows, ops, lean_plan(n_rows, 0, weight.shape[0], g is not None,
+                                                                        budget))
         values = spec.values(state)
     else:
-        chunk = _fast_chunk(n_rows, weight, g is not None, row_weights, reduction, memory, budget)
+        planned_vocab = weight.shape[0] if shard is None else shard.widest
+        chunk = _fast_chunk(n_rows, weight, g is not None, row_weights, reduction, memory, budget, planned_vocab)
         if chunk:
             coef, peak = unit_scale(None if row_weights is None else row_weights.float())
             alpha = peak / n_rows if reduction == "mean" else peak
             return GradientInForward.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, coef, spec,
-                                           backend, alpha, chunk)
+                                           backend, alpha, chunk, shard)
         values, state = Recompute.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, spec, backend,
-                                        budget)
+                                        budget, shard)
     return _reduce(values if row_weights is None else values * row_weights, rows, lead, reduction), state
 
 
@@ -224,6 +231,8 @@ def fused_kl_loss(
     memory: str = "auto",
     memory_budget: Optional[int] = None,
     return_log_ratio: bool = False,
+    vocab_group: Optional["torch.distributed.ProcessGroup"] = None,
+    vocab_start: Optional[int] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token KL between the student's and the teacher's next-token distributions, fused with
     both lm-head projections; no N x V logits are ever materialised.
@@ -257,6 +266,15 @@ def fused_kl_loss(
     1024 rows at V=128K on the fast path).
     ``return_log_ratio=True`` also returns the per-row ``log p_s(y) - log p_t(y)`` at ``targets``
     (leading shape, fp32, no gradient, 0 on rows that do not count), from the same pass.
+
+    **Vocabulary-parallel heads** (tensor parallelism): with ``vocab_group`` (a process group) the
+    weights (``weight``, ``teacher_weight``, the biases) are this rank's rows ``[vocab_start,
+    vocab_start + rows)`` of the heads, the ranks' slices following each other in rank order (any
+    sizes); or pass ``weight`` (and the teacher's) as a DTensor sharded on dim 0 (``Shard(0)``) and
+    neither argument. Hidden states, targets (global ids), masks and weights are the same on every
+    rank. Per row the ranks merge partial softmax states with two all-reduces of a few numbers per
+    row; the loss is exact and the same on every rank, each rank's weight gradient is its slice's,
+    and the hidden states' gradient is summed over the group. Every rank must make the same call.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
@@ -277,9 +295,12 @@ def fused_kl_loss(
         raise ValueError(f"teacher_hidden: expected leading shape {tuple(lead)} to match student_hidden "
                          f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}")
     hidden, teacher_hidden_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    shared = teacher_weight is None or teacher_weight is weight
+    weight, shard = vocab_shard(weight, vocab_group, vocab_start)
+    teacher_weight = weight if shared else local_rows("teacher_weight", teacher_weight, shard)
+    bias, teacher_bias = local_rows("bias", bias, shard), local_rows("teacher_bias", teacher_bias, shard)
     _check_weight("weight", weight, hidden, student_hidden.dtype, "student_hidden")
     vocab = weight.shape[0]
-    shared = teacher_weight is None or teacher_weight is weight
     if not shared:
         _check_weight("teacher_weight", teacher_weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
         if teacher_weight.shape[0] != vocab:
@@ -304,7 +325,7 @@ def fused_kl_loss(
     rows = _counted_rows(mask, math.prod(lead))
     row_targets = _take(targets, rows)
     if row_targets is not None:
-        _check_targets(row_targets, vocab)
+        _check_targets(row_targets, vocab if shard is None else shard.vocab)
         row_targets = row_targets.long().contiguous()
     h = _take(student_hidden, rows, hidden)
     if h.shape[0] == 0:
@@ -315,7 +336,7 @@ def fused_kl_loss(
     loss, state = _fused(
         spec, backend, h, weight, bias, _take(teacher_hidden.detach(), rows, teacher_hidden_size),
         None if shared else teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-        row_targets, _take(token_weights, rows), rows, lead, reduction, memory, budget)
+        row_targets, _take(token_weights, rows), rows, lead, reduction, memory, budget, shard)
     if return_log_ratio:
         return loss, _expand(log_ratio(state), rows, lead)
     return loss
@@ -340,6 +361,8 @@ def fused_rkl_loss(
     memory: str = "auto",
     memory_budget: Optional[int] = None,
     return_log_ratio: bool = False,
+    vocab_group: Optional["torch.distributed.ProcessGroup"] = None,
+    vocab_start: Optional[int] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token reverse KL ``KL(p_student || p_teacher)`` fused with the lm-head: OPSDL's loss.
 
@@ -349,7 +372,8 @@ def fused_rkl_loss(
         student_hidden, teacher_hidden, weight, teacher_weight, reverse_weight=1.0, targets=targets,
         estimator=estimator, mask=mask, token_weights=token_weights, temperature=temperature,
         softcap=softcap, bias=bias, teacher_bias=teacher_bias, reduction=reduction, impl=impl,
-        memory=memory, memory_budget=memory_budget, return_log_ratio=return_log_ratio,
+        memory=memory, memory_budget=memory_budget, return_log_ratio=return_log_ratio, vocab_group=vocab_group,
+        vocab_start=vocab_start,
     )
 
 
@@ -365,6 +389,8 @@ def fused_token_logprobs(
     impl: str = "auto",
     memory: str = "auto",
     memory_budget: Optional[int] = None,
+    vocab_group: Optional["torch.distributed.ProcessGroup"] = None,
+    vocab_start: Optional[int] = None,
 ) -> Tensor:
     """``log softmax(cap(hidden @ weight.T + bias) / tau)[targets]`` per row, fp32, differentiable in
     ``hidden``, ``weight`` and ``bias``; the logits are never materialised.
@@ -372,13 +398,16 @@ def fused_token_logprobs(
     ``reduction="none"`` (default) returns shape ``hidden.shape[:-1]`` and computes a gradient by the
     lean (recompute) path; "mean" and "sum" reduce over the rows and take the fast path when it fits
     (``-fused_token_logprobs(..., reduction="mean")`` is the cross-entropy loss). ``memory`` and
-    ``memory_budget`` as in ``fused_kl_loss``."""
+    ``memory_budget``, and ``vocab_group``/``vocab_start`` for a vocabulary-parallel head, as in
+    ``fused_kl_loss``."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     budget = _check_memory(memory, memory_budget, reduction)
     _check_scalars(temperature, softcap)
     _check_hidden("hidden", hidden)
     lead, width = hidden.shape[:-1], hidden.shape[-1]
+    weight, shard = vocab_shard(weight, vocab_group, vocab_start)
+    bias = local_rows("bias", bias, shard)
     _check_weight("weight", weight, width, hidden.dtype, "hidden")
     _check_bias("bias", bias, weight.shape[0])
     if targets is None:
@@ -387,11 +416,11 @@ def fused_token_logprobs(
     _check_devices(hidden.device, weight=weight, bias=bias, targets=targets)
     backend = _resolve_impl(impl, hidden.device)
     flat_targets = targets.reshape(-1)
-    _check_targets(flat_targets, weight.shape[0])
+    _check_targets(flat_targets, weight.shape[0] if shard is None else shard.vocab)
     h = hidden.reshape(-1, width)
     if h.shape[0] == 0:
         return _no_rows(h, weight, bias, lead, reduction)
     spec = LossSpec("logprob", float(temperature), None if softcap is None else float(softcap))
     loss, _ = _fused(spec, backend, h, weight, bias, None, None, None, flat_targets.long().contiguous(), None,
-                     None, lead, reduction, memory, budget)
+                     None, lead, reduction, memory, budget, shard)
     return loss

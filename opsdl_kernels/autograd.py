@@ -14,6 +14,7 @@ from torch import Tensor
 from . import paths
 from .plan import lean_plan
 from .state import LossSpec
+from .vocab_parallel import VocabShard
 
 _SECOND_BACKWARD = (
     "this call of the fused loss formed its gradients in the forward (memory='fast') and handed them to "
@@ -22,10 +23,11 @@ _SECOND_BACKWARD = (
 )
 
 
-def operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets) -> paths.Operands:
-    """The operands of a call; ``teacher_weight=None`` means the teacher uses ``weight``."""
+def operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard=None) -> paths.Operands:
+    """The operands of a call; ``teacher_weight=None`` means the teacher uses ``weight``; ``shard``:
+    the weights are one rank's vocabulary rows (``vocab_parallel.VocabShard``)."""
     return paths.Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
-                          teacher_bias, targets)
+                          teacher_bias, targets, shard)
 
 
 def unit_scale(row_weights: Optional[Tensor]) -> tuple[Optional[Tensor], float]:
@@ -53,8 +55,9 @@ class GradientInForward(torch.autograd.Function):
         ctx: Any, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
         teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
         coef: Optional[Tensor], spec: LossSpec, impl: ModuleType, alpha: float, chunk_rows: int,
+        shard: Optional[VocabShard],
     ) -> tuple[Tensor, Tensor]:
-        ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard)
         state, ctx.grads = paths.fast_forward_backward(impl.logit_rows, ops, coef, alpha, chunk_rows,
                                                        tuple(ctx.needs_input_grad[:3]))
         values = spec.values(state)
@@ -68,7 +71,7 @@ class GradientInForward(torch.autograd.Function):
             raise RuntimeError(_SECOND_BACKWARD)
         grads, ctx.grads = ctx.grads, None  # let autograd take the buffers without a copy
         scaled = tuple(None if x is None else x.mul_(grad_loss) for x in grads)
-        return (*scaled, None, None, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None, None, None)
 
 
 class Recompute(torch.autograd.Function):
@@ -79,12 +82,12 @@ class Recompute(torch.autograd.Function):
     def forward(
         ctx: Any, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
         teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
-        spec: LossSpec, impl: ModuleType, budget: int,
+        spec: LossSpec, impl: ModuleType, budget: int, shard: Optional[VocabShard],
     ) -> tuple[Tensor, Tensor]:
-        ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard)
         ctx.plan = lean_plan(h.shape[0], h.shape[1], weight.shape[0], g is not None, budget)
         state = paths.lean_forward(impl.logit_rows, ops, ctx.plan)
-        ctx.spec, ctx.impl = spec, impl
+        ctx.spec, ctx.impl, ctx.shard = spec, impl, shard
         ctx.save_for_backward(h, weight, bias, g, teacher_weight, teacher_bias, targets, state)
         ctx.mark_non_differentiable(state)
         return spec.values(state).clone(), state
@@ -93,7 +96,7 @@ class Recompute(torch.autograd.Function):
     def backward(ctx: Any, grad_values: Optional[Tensor], _grad_state: Optional[Tensor]):
         h, weight, bias, g, teacher_weight, teacher_bias, targets, state = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        nones = (None,) * 7
+        nones = (None,) * 8
         if grad_values is None:
             return (None, None, None, *nones)
         coef, alpha = unit_scale(grad_values.float())
@@ -101,7 +104,7 @@ class Recompute(torch.autograd.Function):
             zeros = tuple(None if t is None or not need else torch.zeros_like(t)
                           for t, need in zip((h, weight, bias), needs))
             return (*zeros, *nones)
-        ops = operands(ctx.spec, h, weight, bias, g, teacher_weight, teacher_bias, targets)
+        ops = operands(ctx.spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, ctx.shard)
         grads = paths.lean_backward(ctx.impl.logit_rows, ops, state, coef, alpha, ctx.plan, needs)
         return (*grads, *nones)
 

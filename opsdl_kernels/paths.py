@@ -21,6 +21,7 @@ from torch import Tensor
 from .matmul import addmm_fp32_, column_sums_, logit_operand, mm_fp32, scaled_mm_
 from .plan import LeanPlan
 from .state import LossSpec, new_state
+from .vocab_parallel import VocabShard, merge_over_ranks, sum_over_ranks_
 
 Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
@@ -35,6 +36,12 @@ class Operands:
     bias: Optional[Tensor]
     teacher_bias: Optional[Tensor]
     targets: Optional[Tensor]
+    shard: Optional[VocabShard] = None  # the weights hold one rank's vocabulary rows (``vocab_parallel``)
+
+    @property
+    def v_start(self) -> int:
+        """The global vocabulary index of the weights' first row (targets are global ids)."""
+        return 0 if self.shard is None else self.shard.start
 
     @functools.cached_property
     def w_logits(self) -> Tensor:
@@ -82,6 +89,8 @@ def fast_forward_backward(
     s_buf = _buffer(chunk_rows, vocab, dev)
     t_buf = _buffer(chunk_rows, vocab, dev) if ops.g is not None else None
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
+    # a vocabulary slice's part of dh is summed over the ranks in fp32, one chunk at a time
+    dh32 = torch.empty((chunk_rows, h.shape[1]), dtype=torch.float32, device=dev) if need_dh and ops.shard else None
     dw = torch.empty_like(ops.weight, memory_format=torch.contiguous_format) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     for start in range(0, n, chunk_rows):
@@ -89,10 +98,18 @@ def fast_forward_backward(
         zs = mm_fp32(h[start:stop], ops.w_logits, _matrix(s_buf, stop - start, vocab))
         zt = None if t_buf is None else mm_fp32(ops.g[start:stop], ops.u_logits, _matrix(t_buf, stop - start, vocab))
         grad = _grad_view(zs if zt is None else zt, h.dtype)
-        rows(ops.spec, zs, zt, state[:, start:stop], v0=0, bias=ops.bias, teacher_bias=ops.teacher_bias,
-             targets=_slice(ops.targets, start, stop), coef=_slice(coef, start, stop), grad=grad,
-             update=True, first=True, last=True)
-        if dh is not None:
+        common = dict(v0=ops.v_start, bias=ops.bias, teacher_bias=ops.teacher_bias,
+                      targets=_slice(ops.targets, start, stop), coef=_slice(coef, start, stop))
+        if ops.shard is None:  # state, then G, in one pass of the row kernel
+            rows(ops.spec, zs, zt, state[:, start:stop], grad=grad, update=True, first=True, last=True, **common)
+        else:  # this slice's state, merged over the ranks, then G of the slice from the merged finals
+            rows(ops.spec, zs, zt, state[:, start:stop], grad=None, update=True, first=True, last=False, **common)
+            merge_over_ranks(state[:, start:stop], ops.shard, ops.spec.has_teacher)
+            rows(ops.spec, zs, zt, state[:, start:stop], grad=grad, update=False, first=False, last=False, **common)
+        if dh32 is not None:
+            part = addmm_fp32_(dh32[: stop - start].zero_(), grad, ops.weight)
+            dh[start:stop].copy_(sum_over_ranks_(part.mul_(alpha), ops.shard))
+        elif dh is not None:
             scaled_mm_(dh[start:stop], grad, ops.weight, alpha, accumulate=False)
         if dw is not None:
             scaled_mm_(dw, grad.t(), h[start:stop], alpha, accumulate=start > 0)
@@ -106,18 +123,19 @@ def lean_forward(rows: Callable, ops: Operands, plan: LeanPlan) -> Tensor:
     h, n, dev = ops.h, ops.h.shape[0], ops.h.device
     vocab = ops.weight.shape[0]
     state = new_state(n, dev)
-    s_buf = _buffer(min(plan.block_rows, n), plan.slab, dev)
-    t_buf = _buffer(min(plan.block_rows, n), plan.slab, dev) if ops.g is not None else None
+    slab = min(plan.slab, vocab)  # a narrow vocabulary (or a rank's slice of one) needs no wider buffer
+    s_buf = _buffer(min(plan.block_rows, n), slab, dev)
+    t_buf = _buffer(min(plan.block_rows, n), slab, dev) if ops.g is not None else None
     for r0 in range(0, n, plan.block_rows):
         r1 = min(n, r0 + plan.block_rows)
         for v0 in range(0, vocab, plan.slab):
             v1 = min(vocab, v0 + plan.slab)
             zs = mm_fp32(h[r0:r1], ops.w_logits[v0:v1], _matrix(s_buf, r1 - r0, v1 - v0))
             zt = None if t_buf is None else mm_fp32(ops.g[r0:r1], ops.u_logits[v0:v1], _matrix(t_buf, r1 - r0, v1 - v0))
-            rows(ops.spec, zs, zt, state[:, r0:r1], v0=v0, bias=_slice(ops.bias, v0, v1),
+            rows(ops.spec, zs, zt, state[:, r0:r1], v0=ops.v_start + v0, bias=_slice(ops.bias, v0, v1),
                  teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1), coef=None,
-                 grad=None, update=True, first=v0 == 0, last=v1 == vocab)
-    return state
+                 grad=None, update=True, first=v0 == 0, last=v1 == vocab and ops.shard is None)
+    return state if ops.shard is None else merge_over_ranks(state, ops.shard, ops.spec.has_teacher)
 
 
 def lean_backward(
@@ -133,8 +151,8 @@ def lean_backward(
     need_dh, need_dw, need_db = needs
     teacher_logits = ops.spec.kind == "kl"
     block = min(plan.block_rows, n)
-    s_buf = _buffer(block, plan.slab, dev)
-    t_buf = _buffer(block, plan.slab, dev) if teacher_logits else None
+    s_buf = _buffer(block, min(plan.slab, vocab), dev)
+    t_buf = _buffer(block, min(plan.slab, vocab), dev) if teacher_logits else None
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
     dh32 = torch.empty((block, h.shape[1]), dtype=torch.float32, device=dev) if need_dh else None
     dw = torch.empty_like(ops.weight, memory_format=torch.contiguous_format) if need_dw else None
@@ -147,7 +165,7 @@ def lean_backward(
             zs = mm_fp32(h[r0:r1], ops.w_logits[v0:v1], _matrix(s_buf, r1 - r0, v1 - v0))
             zt = mm_fp32(ops.g[r0:r1], ops.u_logits[v0:v1], _matrix(t_buf, r1 - r0, v1 - v0)) if teacher_logits else None
             grad = _grad_view(zs if zt is None else zt, h.dtype)
-            rows(ops.spec, zs, zt, state[:, r0:r1], v0=v0, bias=_slice(ops.bias, v0, v1),
+            rows(ops.spec, zs, zt, state[:, r0:r1], v0=ops.v_start + v0, bias=_slice(ops.bias, v0, v1),
                  teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1),
                  coef=coef[r0:r1], grad=grad, update=False, first=False, last=False)
             if acc is not None:
@@ -157,5 +175,5 @@ def lean_backward(
             column_sums_(None if db is None else db[v0:v1], grad)
         if acc is not None:
             torch.mul(acc, alpha, out=acc)
-            dh[r0:r1].copy_(acc)
+            dh[r0:r1].copy_(sum_over_ranks_(acc, ops.shard))  # every rank has the same blocks of rows
     return dh, dw, None if db is None else (db * alpha).to(ops.bias.dtype)

@@ -29,9 +29,11 @@ class Product:
 @dataclass
 class Tracker(TorchDispatchMode):
     """Inside ``with Tracker() as t``: ``t.shapes`` of every floating tensor an op returns,
-    ``t.peak_bytes`` of storages alive at once (created inside the block), ``t.products``."""
+    ``t.allocated`` storages created (shape, bytes), ``t.peak_bytes`` of storages alive at once
+    (created inside the block), ``t.products``."""
 
     shapes: list = field(default_factory=list)
+    allocated: list = field(default_factory=list)  # (shape, bytes) of every new storage an op returned
     products: list = field(default_factory=list)
     peak_bytes: int = 0
 
@@ -61,6 +63,7 @@ class Tracker(TorchDispatchMode):
             key = storage._cdata
             if key not in given and (key not in self._alive or self._alive[key][0].expired()):
                 self._alive[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.allocated.append((tuple(t.shape), storage.nbytes()))
         self.peak_bytes = max(self.peak_bytes, self.live_bytes())
         return out
 

@@ -1,0 +1,90 @@
+"""Vocabulary-parallel fused losses on 2 and 3 gloo ranks against one process with the whole head.
+
+One ``torchrun`` launch per group size runs every case of ``vocab_parallel_worker.py`` (the Triton
+kernels in the interpreter); the tests read what it measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsdl_kernels import fused_rkl_loss
+
+from .inputs import TOLERANCE
+
+WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
+QUANTITIES = ("loss", "log_ratio", "dh", "dw", "db")
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def measured(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"vocab{request.param}") / "errors.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(request.param), str(WORKER), str(out)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return request.param, json.loads(out.read_text())
+
+
+def cases(measured, dtype):
+    ranks, result = measured
+    assert len(result["ranks"]) == ranks
+    for rank, per_case in enumerate(result["ranks"]):
+        for name, case in per_case.items():
+            if case.get("dtype") == dtype:
+                yield rank, name, case
+
+
+def test_fp32_loss_and_gradients_equal_one_process_within_1e6(measured):
+    """Max-norm relative differences (as ``rel_err``): loss, log-ratio, dh (summed over the ranks),
+    and each rank's slice of dW and db against the same slice of the one-process gradient: at most
+    1e-6, or, where the one-process result is itself further than that from float64 (fp32 rounding
+    of these inputs), at most that far."""
+    seen = 0
+    for rank, name, case in cases(measured, "float32"):
+        errors = case["errors"]
+        worst = {q: errors[q]["max"] for q in QUANTITIES}
+        own_rounding = max([errors[k]["max"] for k in errors if k.startswith("single_")] or [0.0])
+        assert own_rounding <= TOLERANCE[torch.float32], (rank, name, errors)  # the one-process result is right
+        assert max(worst.values()) <= max(1e-6, own_rounding), (rank, name, worst, own_rounding)
+        seen += 1
+    assert seen >= 14 * measured[0]
+
+
+def test_bf16_within_the_usual_tolerance(measured):
+    for rank, name, case in cases(measured, "bfloat16"):
+        worst = {q: case["errors"][q]["max"] for q in QUANTITIES}
+        assert max(worst.values()) <= TOLERANCE[torch.bfloat16], (rank, name, worst)
+
+
+def test_no_rank_allocates_more_than_its_share_of_the_vocabulary(measured):
+    ranks, result = measured
+    vocab = result["vocab"]
+    for rank, per_case in enumerate(result["ranks"]):
+        for name, case in per_case.items():
+            if "errors" not in case:
+                continue
+            assert case["too_large"] == [], (rank, name)
+            assert case["largest"] <= case["limit"]
+            # what a rank holding the whole head would need for one block of logits: over the limit,
+            # so the check can fail
+            if case["rows"] == 24:
+                assert 24 * vocab * 4 > case["limit"]
+
+
+def test_slices_that_do_not_tile_the_vocabulary_are_refused(measured):
+    for rank, per_case in enumerate(measured[1]["ranks"]):
+        assert "rank 1 starts at" in per_case["bad tiling"]["error"], per_case["bad tiling"]
+
+
+def test_vocab_start_without_a_group_is_refused():
+    h, w = torch.randn(4, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match="vocab_start: given .* without vocab_group"):
+        fused_rkl_loss(h, h, w, vocab_start=0)
