@@ -88,3 +88,19 @@ def test_vocab_start_without_a_group_is_refused():
     h, w = torch.randn(4, 8), torch.randn(16, 8)
     with pytest.raises(ValueError, match="vocab_start: given .* without vocab_group"):
         fused_rkl_loss(h, h, w, vocab_start=0)
+
+
+def test_the_readme_example_runs_under_torchrun_and_matches_the_whole_head():
+    example = Path(__file__).resolve().parents[2] / "examples" / "vocab_parallel_head.py"
+    readme = (example.parents[1] / "README.md").read_text()
+    assert example.read_text() in readme  # the README shows the file as it is
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(example)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1"]
+    for line in lines:
+        loss, whole = (float(part.split()[-1]) for part in line.split(",")[1:3])
+        assert loss == pytest.approx(whole, rel=1e-6) and loss > 0
+    assert "rows 501 of 1001" in lines[0] and "rows 500 of 1001" in lines[1]
