@@ -122,6 +122,21 @@ class Teacher:
     ema: bool  # updated after every optimizer step
 
 
+def load_teacher_model(cfg: TrainConfig, student, tokenizer, dtype, device):
+    """--teacher-model, refused unless it shares the student's tokenizer and vocabulary."""
+    teacher, teacher_tokenizer = load_model(cfg.teacher_model, dtype=dtype, device=device,
+                                            trust_remote_code=cfg.trust_remote_code)
+    student_vocab = lm_head(student).weight.shape[0]
+    if lm_head(teacher).weight.shape[0] != student_vocab:
+        raise ValueError(f"--teacher-model {cfg.teacher_model}: its vocabulary has "
+                         f"{lm_head(teacher).weight.shape[0]} entries, the student's {student_vocab}; "
+                         "the teacher must share the student's tokenizer")
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--teacher-model {cfg.teacher_model}: its tokenizer differs from the student's; the "
+                         "teacher scores the student's tokens, so both need the same tokenizer")
+    return teacher
+
+
 def build_teacher(cfg: TrainConfig, student, tokenizer, resume_from: Optional[Path], device,
                   dtype) -> Optional[Teacher]:
     """live: the student's current weights; frozen: its initial weights (reloaded on resume), or
@@ -132,16 +147,7 @@ def build_teacher(cfg: TrainConfig, student, tokenizer, resume_from: Optional[Pa
     if cfg.teacher == "live":
         return Teacher(student, lm_head(student), ema=False)
     if cfg.teacher_model:
-        teacher, teacher_tokenizer = load_model(cfg.teacher_model, dtype=dtype, device=device,
-                                                trust_remote_code=cfg.trust_remote_code)
-        student_vocab = lm_head(student).weight.shape[0]
-        if lm_head(teacher).weight.shape[0] != student_vocab:
-            raise ValueError(f"--teacher-model {cfg.teacher_model}: its vocabulary has "
-                             f"{lm_head(teacher).weight.shape[0]} entries, the student's {student_vocab}; "
-                             "the teacher must share the student's tokenizer")
-        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"--teacher-model {cfg.teacher_model}: its tokenizer differs from the student's; the "
-                             "teacher scores the student's tokens, so both need the same tokenizer")
+        teacher = load_teacher_model(cfg, student, tokenizer, dtype, device)
     elif cfg.teacher == "ema" and resume_from is not None:
         teacher = AutoModelForCausalLM.from_pretrained(resume_from / "ema", dtype=dtype).to(device)
     elif resume_from is not None:  # frozen: the initial weights, as the first run had them

@@ -34,8 +34,8 @@ from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_chec
 from .model import check_model_source, enable_checkpointing, lm_head, load_model
 from .options import TrainConfig, check_train_options
 from .rollout import sample, stop_ids, turn_end_id
-from .train import (StepStats, draw_prompts, gold_answer_ids, learning_rate, prepare_prompts, step_record, summarize,
-                    synthetic_examples)
+from .train import (StepStats, draw_prompts, gold_answer_ids, learning_rate, load_teacher_model, prepare_prompts,
+                    step_record, summarize, synthetic_examples)
 
 __all__ = ["train_fsdp"]
 
@@ -73,8 +73,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                                   rope_factor=cfg.rope_factor, trust_remote_code=cfg.trust_remote_code)
     teacher_model = None
     if cfg.objective == "opsdl" and cfg.teacher_model:
-        teacher_model = load_model(cfg.teacher_model, dtype=model.dtype, device="cpu",
-                                   trust_remote_code=cfg.trust_remote_code)[0]
+        teacher_model = load_teacher_model(cfg, model, tokenizer, model.dtype, "cpu")
     elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):
         teacher_model = copy.deepcopy(model)  # the initial weights; the EMA state comes from the checkpoint
     if cfg.gradient_checkpointing:
@@ -83,9 +82,6 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     policy = shard(model.train(), ranks, cfg.bf16)
     teacher = policy
     if teacher_model is not None:
-        if lm_head(teacher_model).weight.shape[0] != lm_head(model).weight.shape[0]:
-            raise ValueError(f"--teacher-model {cfg.teacher_model}: its vocabulary differs from the student's; the "
-                             "teacher must share the student's tokenizer")
         teacher = shard(teacher_model.eval().requires_grad_(False), ranks, cfg.bf16)
     ema = teacher if cfg.objective == "opsdl" and cfg.teacher == "ema" and not cfg.teacher_model else None
 
