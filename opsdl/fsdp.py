@@ -99,10 +99,11 @@ class Policy(torch.nn.Module):
 
 
 def shard(model: PreTrainedModel, ranks: Ranks, bf16: bool) -> Policy:
-    """Every decoder layer, then the root ``Policy``, sharded over all ranks. On CUDA the gathered
-    weights compute in bf16 when ``bf16`` and gradients are reduced in fp32."""
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32) \
-        if ranks.device.type == "cuda" else MixedPrecisionPolicy()
+    """Every decoder layer, then the root ``Policy``, sharded over all ranks. With ``bf16`` the
+    gathered weights compute in bf16 and gradients are reduced in fp32 (on a CPU too, where it is
+    slow but runs the same code as on CUDA)."""
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=ranks.mesh, mp_policy=mixed)
     policy = Policy(model)

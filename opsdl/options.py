@@ -57,7 +57,8 @@ class TrainConfig:
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     dtype: str = option("float32", "dtype of the weights, the teacher's and the optimizer state (auto: the "
                                    "checkpoint's own)", ("float32", "bfloat16", "auto"), aliases=("--torch_dtype",))
-    bf16: bool = option(False, "bf16 autocast over float32 weights (CUDA)")
+    bf16: bool = option(False, "bf16 compute over float32 weights: autocast on CUDA; under torchrun, FSDP2's "
+                               "bf16 parameters with fp32 gradient reduction (any device)")
     rollout_gather: str = option("once", "under torchrun: 'once' gathers the whole model on each rank for the "
                                          "rollouts, 'per-layer' gathers each layer for every token's forward "
                                          "(less memory, much slower)", ("once", "per-layer"))

@@ -199,8 +199,12 @@ class StepStats:
 
 
 def step_record(cfg: TrainConfig, stats: StepStats, step: int, lr: float, grad_norm: float, seconds: float,
-                device: torch.device) -> dict:
-    """One line of log.jsonl: the step's means, rates and peak memory."""
+                device: torch.device, out: Path) -> dict:
+    """One line of log.jsonl: the step's means, rates and peak memory; a loss that is not finite
+    stops the run."""
+    if not math.isfinite(stats.loss_sum / stats.rows):
+        raise FloatingPointError(f"step {step + 1}: the loss is {stats.loss_sum / stats.rows}; stopping "
+                                 f"(see {out / 'log.jsonl'})")
     return {
         "step": step + 1,
         "loss": stats.loss_sum / stats.rows,
@@ -215,6 +219,19 @@ def step_record(cfg: TrainConfig, stats: StepStats, step: int, lr: float, grad_n
         "tokens_per_s": stats.tokens / seconds,
         "peak_memory_mib": peak_memory_mib(device),
     }
+
+
+def checkpoint_due(cfg: TrainConfig, done: int) -> bool:
+    """After ``done`` steps: every --save-every steps, and at the end."""
+    return bool(cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps
+
+
+def interrupted(cfg: TrainConfig, step: int, out: Path) -> KeyboardInterrupt:
+    """Ctrl-C: where the run stood, and how --resume continues it."""
+    last = latest_checkpoint(out)
+    return KeyboardInterrupt(f"during step {step + 1} of {cfg.steps}; " + (
+        f"the last checkpoint is {last}: run the same command with --resume to continue from it"
+        if last else "no checkpoint was written yet (--save-every K writes one every K steps)"))
 
 
 def draw_prompts(items: list[Prompted], picker: random.Random, count: int) -> list[Prompted]:
@@ -353,10 +370,7 @@ def train(cfg: TrainConfig) -> dict:
                     for p_ema, p in zip(teacher.model.parameters(), model.parameters()):
                         p_ema.lerp_(p, 1.0 - cfg.ema_decay)
 
-            record = step_record(cfg, stats, step, lr, float(grad_norm), time.perf_counter() - started, device)
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; stopping "
-                                         f"(see {out / 'log.jsonl'})")
+            record = step_record(cfg, stats, step, lr, float(grad_norm), time.perf_counter() - started, device, out)
             history.append(record)
             append_log(out, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", answers=record["answer_rate"],
@@ -364,16 +378,12 @@ def train(cfg: TrainConfig) -> dict:
 
             # 6. checkpoint, keeping the newest --save-total-limit
             done = step + 1
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            if checkpoint_due(cfg, done):
                 save_checkpoint(out, done, model, tokenizer, optimizer if cfg.save_optimizer else None,
                                 teacher.model if teacher is not None and teacher.ema else None, cfg)
                 prune_checkpoints(out, cfg.save_total_limit)
     except KeyboardInterrupt:
-        last = latest_checkpoint(out)
-        raise KeyboardInterrupt(
-            f"during step {step + 1} of {cfg.steps}; " + (
-                f"the last checkpoint is {last}: run the same command with --resume to continue from it"
-                if last else "no checkpoint was written yet (--save-every K writes one every K steps)")) from None
+        raise interrupted(cfg, step, out) from None
 
     summary = summarize(history, out)
     print(json.dumps(summary, indent=1))

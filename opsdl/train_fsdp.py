@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -26,16 +25,16 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from .checkpoint import (append_log, claim_output_dir, is_sharded, latest_checkpoint, load_trainer_state,
-                         prune_checkpoints, resume_point, rewind_log)
+from .checkpoint import (append_log, claim_output_dir, is_sharded, load_trainer_state, prune_checkpoints, resume_point,
+                         rewind_log)
 from .data import answer_found, load_examples
 from .fsdp import Ranks, all_reduce, gathered_for_rollouts, init_ranks, shard, whole
 from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_checkpoint
 from .model import check_model_source, enable_checkpointing, lm_head, load_model
 from .options import TrainConfig, check_train_options
 from .rollout import sample, stop_ids, turn_end_id
-from .train import (StepStats, draw_prompts, gold_answer_ids, learning_rate, load_teacher_model, prepare_prompts,
-                    step_record, summarize, synthetic_examples)
+from .train import (StepStats, checkpoint_due, draw_prompts, gold_answer_ids, interrupted, learning_rate,
+                    load_teacher_model, prepare_prompts, step_record, summarize, synthetic_examples)
 
 __all__ = ["train_fsdp"]
 
@@ -171,10 +170,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
             summed = StepStats(*all_reduce(list(dataclasses.astuple(stats)), ranks))
             summed.rollout_seconds = all_reduce([stats.rollout_seconds], ranks, dist.ReduceOp.MAX)[0]
             record = step_record(cfg, summed, step, lr, float(grad_norm), time.perf_counter() - started,
-                                 ranks.device)
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; stopping "
-                                         f"(see {out / 'log.jsonl'})")
+                                 ranks.device, out)
             history.append(record)
             if ranks.main:
                 append_log(out, record)
@@ -183,16 +179,12 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
 
             # 6. checkpoint from every rank, the last one with the consolidated model
             done = step + 1
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            if checkpoint_due(cfg, done):
                 save_sharded_checkpoint(out, done, policy, tokenizer, optimizer if cfg.save_optimizer else None,
                                         ema, cfg, ranks, export=done == cfg.steps)
                 on_main(ranks, lambda: prune_checkpoints(out, cfg.save_total_limit))
     except KeyboardInterrupt:
-        last = latest_checkpoint(out)
-        raise KeyboardInterrupt(
-            f"during step {step + 1} of {cfg.steps}; " + (
-                f"the last checkpoint is {last}: run the same command with --resume to continue from it"
-                if last else "no checkpoint was written yet (--save-every K writes one every K steps)")) from None
+        raise interrupted(cfg, step, out) from None
 
     summary = summarize(history, out)
     if ranks.main:

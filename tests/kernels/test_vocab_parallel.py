@@ -79,6 +79,14 @@ def test_no_rank_allocates_more_than_its_share_of_the_vocabulary(measured):
                 assert 24 * vocab * 4 > case["limit"]
 
 
+def test_several_chunks_blocks_and_slabs_merge_over_the_ranks(measured):
+    """The fast path with two chunks (a merge per chunk: 4 products each, against 4 for one chunk)
+    and the lean path with three row blocks of two vocabulary slabs (36 products, against 6)."""
+    for per_case in measured[1]["ranks"]:
+        assert per_case["kl fast, every option, 2 chunks"]["products"] == 8
+        assert per_case["triton kl lean, 3 blocks x 2 slabs"]["products"] == 36
+
+
 def test_slices_that_do_not_tile_the_vocabulary_are_refused(measured):
     for rank, per_case in enumerate(measured[1]["ranks"]):
         assert "rank 1 starts at" in per_case["bad tiling"]["error"], per_case["bad tiling"]

@@ -53,7 +53,9 @@ def launched(tmp_path_factory):
                   for folder in folders.values()]
     llama = folders[("llama", True)]
     train_jobs += [dict(RUN, model=llama, batch_size=2, steps=3, teacher="ema", out=str(root / "uninterrupted")),
-                   dict(RUN, model=llama, batch_size=2, teacher="ema", out=str(root / "stopped"))]
+                   dict(RUN, model=llama, batch_size=2, teacher="ema", out=str(root / "stopped")),
+                   dict(RUN, model=folders[("gemma2", False)], batch_size=2, bf16=True,
+                        out=str(root / "bf16"))]
     job = {"gradients": list(folders.values()), "grad_out": str(root / "gradients.json"), "train": train_jobs}
     (root / "job.json").write_text(json.dumps(job))
     done = torchrun(2, [str(WORKER), str(root / "job.json")])
@@ -81,7 +83,7 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(launched, tmp_path,
     single = train(TrainConfig(**RUN, model=folder, batch_size=4, out=str(tmp_path / "single")))
     sharded = root / "sharded" / Path(folder).name / "checkpoint-000002"
     got, want = weights(sharded), weights(Path(single["checkpoint"]))
-    initial = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    initial = weights_of(folder)
     assert sorted(got) == sorted(want)
     moved = max(float((want[k] - initial[k]).abs().max()) for k in want)
     assert moved > 5e-4  # the steps changed the weights, so agreeing below means something
@@ -141,3 +143,18 @@ def test_a_failing_rank_stops_the_run_with_its_error(tmp_path):
     done = torchrun(2, [str(WORKER), str(tmp_path / "job.json")], timeout=300)
     assert done.returncode != 0
     assert "injected failure on rank 1" in done.stdout + done.stderr
+
+
+def test_bf16_compute_over_float32_shards_trains_and_exports_float32(launched):
+    """--bf16 under torchrun: FSDP2 gathers bf16 weights (the model and the fused loss compute in
+    bf16) and reduces gradients in fp32 into float32 shards, as on CUDA."""
+    root, folders, _ = launched
+    log = [json.loads(line) for line in (root / "bf16" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
+    got, initial = weights(root / "bf16" / "checkpoint-000002"), weights_of(folders[("gemma2", False)])
+    assert all(t.dtype == torch.float32 for t in got.values())
+    assert max(float((got[k] - initial[k]).abs().max()) for k in got) > 5e-4
+
+
+def weights_of(folder: str) -> dict:
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
