@@ -41,8 +41,8 @@ def on_main(ranks: Ranks, work: Callable[[], T]) -> T:
     if ranks.main:
         try:
             outcome = [work(), None]
-        except (ValueError, OSError) as e:
-            outcome = [None, e]
+        except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
+            outcome = [None, e if isinstance(e, (ValueError, OSError)) else RuntimeError(f"rank 0: {e!r}")]
     dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
         raise outcome[1]

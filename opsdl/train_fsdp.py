@@ -13,8 +13,9 @@ progress bar and the summary come from rank 0; checkpoints from every rank (``fs
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -67,21 +68,22 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     if resume_from:
         on_main(ranks, lambda: rewind_log(out, start_step))
 
-    # ---- models: loaded whole on the CPU by each rank, then sharded layer by layer ------------
+    # ---- models: loaded whole on the CPU by each rank, then sharded layer by layer; the teacher
+    #      after the student is sharded, so that a rank holds one whole model at a time -----------
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device="cpu", seed=cfg.seed,
                                   rope_factor=cfg.rope_factor, trust_remote_code=cfg.trust_remote_code)
-    teacher_model = None
-    if cfg.objective == "opsdl" and cfg.teacher_model:
-        teacher_model = load_teacher_model(cfg, model, tokenizer, model.dtype, "cpu")
-    elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):
-        teacher_model = copy.deepcopy(model)  # the initial weights; the EMA state comes from the checkpoint
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     turn_end = turn_end_id(tokenizer, stop_ids(model, tokenizer))
     policy = shard(model.train(), ranks, cfg.bf16)
-    teacher = policy
-    if teacher_model is not None:
-        teacher = shard(teacher_model.eval().requires_grad_(False), ranks, cfg.bf16)
+    teacher = policy  # live, or sft (no teacher)
+    if cfg.objective == "opsdl" and cfg.teacher_model:
+        teacher = shard(load_teacher_model(cfg, model, tokenizer, model.dtype, "cpu").eval().requires_grad_(False),
+                        ranks, cfg.bf16)
+    elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):  # the initial weights (EMA: then its checkpoint)
+        initial = load_model(cfg.model, dtype=cfg.dtype, device="cpu", seed=cfg.seed, rope_factor=cfg.rope_factor,
+                             trust_remote_code=cfg.trust_remote_code)[0]
+        teacher = shard(initial.eval().requires_grad_(False), ranks, cfg.bf16)
     ema = teacher if cfg.objective == "opsdl" and cfg.teacher == "ema" and not cfg.teacher_model else None
 
     items, dropped = prepare_prompts(cfg, file_examples or synthetic_examples(cfg, tokenizer), tokenizer)
@@ -104,9 +106,9 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
         for step in bar:
             started = time.perf_counter()
             # the step's prompts come from its own seed, the same on every rank; rank r takes the
-            # r-th slice. Sampling noise differs per rank (rank 0 draws what a single process would).
+            # r-th slice. Each rank samples with its own seed (rank 0 with the one-process seed).
             picker = random.Random(f"{cfg.seed}:{step}")
-            torch.manual_seed(cfg.seed * 1_000_003 + step + 7_919 * ranks.rank)
+            torch.manual_seed(sampling_seed(cfg.seed, step, ranks.rank))
             stats = StepStats()
             for _ in range(cfg.grad_accum):
                 everyone = draw_prompts(items, picker, cfg.batch_size * ranks.world)
@@ -133,22 +135,21 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
 
                 if cfg.objective == "sft":
                     loss_sum, log_ratio = policy(students, responses, mode="sft", cfg=cfg, targets=targets)
+                    (loss_sum * scale).backward()
                     tokens = sum(len(o.student) + len(r) for o, r in zip(owners, responses))
                 else:
-                    # 2. teacher rows, no gradient; 3.-4. the student's loss against them in its forward,
-                    #    a separate teacher's head gathered for that call
+                    # 2. teacher rows, no gradient; 3.-4. the student's loss against them in its forward. A
+                    #    separate teacher's head stays gathered through the backward, which may read it again
+                    #    (the fused loss's lean path recomputes the teacher's logits)
                     with torch.no_grad():
                         teacher_rows = teacher([o.teacher for o in owners], responses, mode="rows")
-                    if teacher is policy:
+                    separate = teacher is not policy
+                    with whole(teacher) if separate else contextlib.nullcontext():
                         loss_sum, log_ratio = policy(students, responses, mode="distill", cfg=cfg, targets=targets,
-                                                     teacher_rows=teacher_rows)
-                    else:
-                        with whole(teacher):
-                            loss_sum, log_ratio = policy(students, responses, mode="distill", cfg=cfg,
-                                                         targets=targets, teacher_rows=teacher_rows,
-                                                         teacher_head=lm_head(teacher.model))
+                                                     teacher_rows=teacher_rows,
+                                                     teacher_head=lm_head(teacher.model) if separate else None)
+                        (loss_sum * scale).backward()
                     tokens = sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
-                (loss_sum * scale).backward()
                 found = [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
                          for o, r in zip(owners, responses)] if cfg.objective == "opsdl" else []
                 stats.add(float(loss_sum.detach()), float(log_ratio.sum()), responses, tokens, found)
@@ -191,3 +192,10 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
         print(json.dumps(summary, indent=1))
     return summary
 
+
+def sampling_seed(seed: int, step: int, rank: int) -> int:
+    """The rollouts' seed of a step on a rank: rank 0 the one-process seed, every other rank one drawn
+    from (seed, step, rank), so no two ranks or steps share one."""
+    if rank == 0:
+        return seed * 1_000_003 + step
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:7], "big")

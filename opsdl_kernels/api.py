@@ -14,7 +14,7 @@ from .autograd import GradientInForward, NoRows, Recompute, operands, unit_scale
 from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows, lean_plan
 from .paths import lean_forward
 from .state import LossSpec, log_ratio
-from .vocab_parallel import VocabShard, local_rows, vocab_shard
+from .vocab_parallel import VocabAgreement, VocabShard, local_rows
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ESTIMATORS = ("full", "sampled")
@@ -106,12 +106,6 @@ def _check_devices(device: torch.device, **tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name}: expected a tensor on {device} (the device of the hidden states), got {t.device}")
 
 
-def _check_targets(targets: Tensor, vocab: int) -> None:
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise ValueError(f"targets: expected token ids in [0, {vocab}) on the rows that count, "
-                         f"got values in [{int(targets.min())}, {int(targets.max())}]")
-
-
 def _counted_rows(mask: Optional[Tensor], n_rows: int) -> Optional[Tensor]:
     """Indices of the rows that count, or None when every row does."""
     return None if mask is None else mask.reshape(n_rows).nonzero().squeeze(1)
@@ -189,8 +183,7 @@ def _fused(
             if shard is None:
                 state = backend.forward_state(ops, budget)
             else:  # the slab loop of the lean path, whose partial states merge over the ranks at the end
-                state = lean_forward(backend.logit_rows, ops, lean_plan(n_rows, 0, weight.shape[0], g is not None,
-                                                                        budget))
+                state = lean_forward(backend.logit_rows, ops, lean_plan(n_rows, 0, shard.widest, g is not None, budget))
         values = spec.values(state)
     else:
         planned_vocab = weight.shape[0] if shard is None else shard.widest
@@ -276,58 +269,63 @@ def fused_kl_loss(
     row; the loss is exact and the same on every rank, each rank's weight gradient is its slice's,
     and the hidden states' gradient is summed over the group. Every rank must make the same call.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(reverse_weight, (int, float)) or not 0.0 <= reverse_weight <= 1.0:
-        raise ValueError(f"reverse_weight: expected a number in [0, 1], got {reverse_weight!r}")
-    sampled = estimator == "sampled"
-    if sampled and reverse_weight != 1.0:
-        raise ValueError(f"reverse_weight: estimator='sampled' estimates the reverse KL only and needs "
-                         f"reverse_weight=1.0, got {reverse_weight!r}")
-    budget = _check_memory(memory, memory_budget, reduction)
-    _check_scalars(temperature, softcap)
-    _check_hidden("student_hidden", student_hidden)
-    _check_hidden("teacher_hidden", teacher_hidden)
-    lead = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead:
-        raise ValueError(f"teacher_hidden: expected leading shape {tuple(lead)} to match student_hidden "
-                         f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}")
-    hidden, teacher_hidden_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
-    shared = teacher_weight is None or teacher_weight is weight
-    weight, shard = vocab_shard(weight, vocab_group, vocab_start)
-    teacher_weight = weight if shared else local_rows("teacher_weight", teacher_weight, shard)
-    bias, teacher_bias = local_rows("bias", bias, shard), local_rows("teacher_bias", teacher_bias, shard)
-    _check_weight("weight", weight, hidden, student_hidden.dtype, "student_hidden")
-    vocab = weight.shape[0]
-    if not shared:
-        _check_weight("teacher_weight", teacher_weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
-        if teacher_weight.shape[0] != vocab:
-            raise ValueError(f"teacher_weight: expected vocabulary size {vocab} (that of weight), "
-                             f"got {teacher_weight.shape[0]}")
-    else:
-        _check_weight("teacher_hidden (with teacher_weight=None the teacher uses weight)",
-                      weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
-    _check_bias("bias", bias, vocab)
-    _check_bias("teacher_bias", teacher_bias, vocab)
-    if targets is None and (sampled or return_log_ratio):
-        need = "estimator='sampled'" if sampled else "return_log_ratio=True"
-        raise ValueError(f"targets: {need} needs the sampled token ids, got None")
-    _check_row_tensor("targets", targets, lead, "int")
-    _check_row_tensor("mask", mask, lead, "bool")
-    _check_row_tensor("token_weights", token_weights, lead, "float")
-    device = student_hidden.device
-    _check_devices(device, teacher_hidden=teacher_hidden, weight=weight, teacher_weight=teacher_weight,
-                   bias=bias, teacher_bias=teacher_bias, targets=targets, mask=mask, token_weights=token_weights)
-    backend = _resolve_impl(impl, device)
+    # every rank of a vocabulary group checks its arguments, then all agree (or all raise) at once
+    with VocabAgreement(weight, vocab_group) as agreement:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        if not isinstance(reverse_weight, (int, float)) or not 0.0 <= reverse_weight <= 1.0:
+            raise ValueError(f"reverse_weight: expected a number in [0, 1], got {reverse_weight!r}")
+        sampled = estimator == "sampled"
+        if sampled and reverse_weight != 1.0:
+            raise ValueError(f"reverse_weight: estimator='sampled' estimates the reverse KL only and needs "
+                             f"reverse_weight=1.0, got {reverse_weight!r}")
+        budget = _check_memory(memory, memory_budget, reduction)
+        _check_scalars(temperature, softcap)
+        _check_hidden("student_hidden", student_hidden)
+        _check_hidden("teacher_hidden", teacher_hidden)
+        lead = student_hidden.shape[:-1]
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"teacher_hidden: expected leading shape {tuple(lead)} to match student_hidden "
+                             f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}")
+        hidden, teacher_hidden_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
+        shared = teacher_weight is None or teacher_weight is weight
+        weight = agreement.local(weight, vocab_group, vocab_start)
+        teacher_weight = weight if shared else local_rows("teacher_weight", teacher_weight, agreement.group)
+        bias = local_rows("bias", bias, agreement.group)
+        teacher_bias = local_rows("teacher_bias", teacher_bias, agreement.group)
+        _check_weight("weight", weight, hidden, student_hidden.dtype, "student_hidden")
+        vocab = weight.shape[0]
+        if not shared:
+            _check_weight("teacher_weight", teacher_weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
+            if teacher_weight.shape[0] != vocab:
+                raise ValueError(f"teacher_weight: expected vocabulary size {vocab} (that of weight), "
+                                 f"got {teacher_weight.shape[0]}")
+        else:
+            _check_weight("teacher_hidden (with teacher_weight=None the teacher uses weight)",
+                          weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
+        _check_bias("bias", bias, vocab)
+        _check_bias("teacher_bias", teacher_bias, vocab)
+        if targets is None and (sampled or return_log_ratio):
+            need = "estimator='sampled'" if sampled else "return_log_ratio=True"
+            raise ValueError(f"targets: {need} needs the sampled token ids, got None")
+        _check_row_tensor("targets", targets, lead, "int")
+        _check_row_tensor("mask", mask, lead, "bool")
+        _check_row_tensor("token_weights", token_weights, lead, "float")
+        device = student_hidden.device
+        _check_devices(device, teacher_hidden=teacher_hidden, weight=weight, teacher_weight=teacher_weight,
+                       bias=bias, teacher_bias=teacher_bias, targets=targets, mask=mask, token_weights=token_weights)
+        backend = _resolve_impl(impl, device)
 
-    rows = _counted_rows(mask, math.prod(lead))
-    row_targets = _take(targets, rows)
-    if row_targets is not None:
-        _check_targets(row_targets, vocab if shard is None else shard.vocab)
-        row_targets = row_targets.long().contiguous()
-    h = _take(student_hidden, rows, hidden)
+        rows = _counted_rows(mask, math.prod(lead))
+        row_targets = _take(targets, rows)
+        if row_targets is not None:
+            agreement.check_targets(row_targets, vocab)
+            row_targets = row_targets.long().contiguous()
+        h = _take(student_hidden, rows, hidden)
+        agreement.rows = h.shape[0]
+    shard = agreement.shard
     if h.shape[0] == 0:
         loss = _no_rows(h, weight, bias, lead, reduction)
         return (loss, torch.zeros(lead, device=device)) if return_log_ratio else loss
@@ -400,24 +398,27 @@ def fused_token_logprobs(
     (``-fused_token_logprobs(..., reduction="mean")`` is the cross-entropy loss). ``memory`` and
     ``memory_budget``, and ``vocab_group``/``vocab_start`` for a vocabulary-parallel head, as in
     ``fused_kl_loss``."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    budget = _check_memory(memory, memory_budget, reduction)
-    _check_scalars(temperature, softcap)
-    _check_hidden("hidden", hidden)
-    lead, width = hidden.shape[:-1], hidden.shape[-1]
-    weight, shard = vocab_shard(weight, vocab_group, vocab_start)
-    bias = local_rows("bias", bias, shard)
-    _check_weight("weight", weight, width, hidden.dtype, "hidden")
-    _check_bias("bias", bias, weight.shape[0])
-    if targets is None:
-        raise ValueError("targets: expected the token ids to score, got None")
-    _check_row_tensor("targets", targets, lead, "int")
-    _check_devices(hidden.device, weight=weight, bias=bias, targets=targets)
-    backend = _resolve_impl(impl, hidden.device)
-    flat_targets = targets.reshape(-1)
-    _check_targets(flat_targets, weight.shape[0] if shard is None else shard.vocab)
-    h = hidden.reshape(-1, width)
+    with VocabAgreement(weight, vocab_group) as agreement:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        budget = _check_memory(memory, memory_budget, reduction)
+        _check_scalars(temperature, softcap)
+        _check_hidden("hidden", hidden)
+        lead, width = hidden.shape[:-1], hidden.shape[-1]
+        weight = agreement.local(weight, vocab_group, vocab_start)
+        bias = local_rows("bias", bias, agreement.group)
+        _check_weight("weight", weight, width, hidden.dtype, "hidden")
+        _check_bias("bias", bias, weight.shape[0])
+        if targets is None:
+            raise ValueError("targets: expected the token ids to score, got None")
+        _check_row_tensor("targets", targets, lead, "int")
+        _check_devices(hidden.device, weight=weight, bias=bias, targets=targets)
+        backend = _resolve_impl(impl, hidden.device)
+        flat_targets = targets.reshape(-1)
+        agreement.check_targets(flat_targets, weight.shape[0])
+        h = hidden.reshape(-1, width)
+        agreement.rows = h.shape[0]
+    shard = agreement.shard
     if h.shape[0] == 0:
         return _no_rows(h, weight, bias, lead, reduction)
     spec = LossSpec("logprob", float(temperature), None if softcap is None else float(softcap))

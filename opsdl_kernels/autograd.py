@@ -85,7 +85,9 @@ class Recompute(torch.autograd.Function):
         spec: LossSpec, impl: ModuleType, budget: int, shard: Optional[VocabShard],
     ) -> tuple[Tensor, Tensor]:
         ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard)
-        ctx.plan = lean_plan(h.shape[0], h.shape[1], weight.shape[0], g is not None, budget)
+        # every rank of a vocabulary group plans by the widest slice: their collectives must match
+        ctx.plan = lean_plan(h.shape[0], h.shape[1], weight.shape[0] if shard is None else shard.widest, g is not None,
+                             budget)
         state = paths.lean_forward(impl.logit_rows, ops, ctx.plan)
         ctx.spec, ctx.impl, ctx.shard = spec, impl, shard
         ctx.save_for_backward(h, weight, bias, g, teacher_weight, teacher_bias, targets, state)

@@ -87,9 +87,18 @@ def test_several_chunks_blocks_and_slabs_merge_over_the_ranks(measured):
         assert per_case["triton kl lean, 3 blocks x 2 slabs"]["products"] == 36
 
 
-def test_slices_that_do_not_tile_the_vocabulary_are_refused(measured):
+def test_bad_calls_fail_on_every_rank_at_once(measured):
+    """Each rank checks its own arguments, then all agree: a refusal on one rank is an error on all
+    (the run returned, so no rank waited in a collective)."""
+    ranks = measured[0]
     for rank, per_case in enumerate(measured[1]["ranks"]):
-        assert "rank 1 starts at" in per_case["bad tiling"]["error"], per_case["bad tiling"]
+        errors = per_case["refusals"]
+        assert "rank 1 starts at" in errors["bad tiling"], errors
+        if rank == ranks - 1:
+            assert "weight: dtype torch.float64 differs" in errors["one rank refused"], errors
+        else:
+            assert f"rank(s) [{ranks - 1}] refused their arguments" in errors["one rank refused"], errors
+        assert f"targets: expected token ids in [0, {ranks * (803 // ranks)})" in errors["target out of range"], errors
 
 
 def test_vocab_start_without_a_group_is_refused():

@@ -27,7 +27,7 @@ FULL = dict(mask=True, token_weights=True, temperature=0.7, softcap=5.0, bias=Tr
 CASES = {
     "kl fast": dict(kind="kl"),
     "kl lean": dict(kind="kl", memory="lean"),
-    "kl fast, every option, 2 chunks": dict(kind="kl", reverse_weight=0.5, rows=300, budget="two chunks", **FULL),
+    "kl fast, every option, 2 chunks": dict(kind="kl", reverse_weight=0.5, rows=600, budget="two chunks", **FULL),
     "kl lean, every option, none": dict(kind="kl", reverse_weight=0.5, memory="lean", reduction="none", **FULL),
     "forward kl fast, sum": dict(kind="kl", reverse_weight=0.0, reduction="sum"),
     "sampled fast, every option": dict(kind="sampled", **FULL),
@@ -70,7 +70,7 @@ def inputs(case: dict, seed: int) -> dict:
 
 def budget(case: dict):
     """"two chunks": room for 280 rows of both sides' fp32 logits of the widest slice, so the fast
-    path cuts 300 rows into chunks of 256 and 44 on any number of ranks."""
+    path cuts the ~420 rows that 600 leave after the mask into two chunks on any number of ranks."""
     if case.get("budget") == "two chunks":
         return 280 * -(-VOCAB // dist.get_world_size()) * 8
     return case.get("budget")
@@ -157,22 +157,38 @@ def run_case(name: str, case: dict, seed: int) -> dict:
             "slice": [start, stop], "dtype": case.get("dtype", "float32"), "loss": float(loss.sum())}
 
 
-def bad_tiling() -> dict:
-    """Every rank claims a slice one row further on: the ranks' slices leave a gap, refused by name."""
+def refusals() -> dict:
+    """Calls that must fail on every rank at once, none left waiting in a collective: the error each
+    rank raised (or None)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     width = VOCAB // world
-    h = torch.randn(4, HIDDEN)
-    try:
-        fused_kl_loss(h, h, torch.randn(width, HIDDEN), vocab_group=dist.group.WORLD, vocab_start=rank * (width + 1))
-    except ValueError as e:
-        return {"error": str(e)}
-    return {"error": None}
+    h, targets = torch.randn(4, HIDDEN), torch.randint(0, VOCAB, (4,))
+    calls = {
+        # every rank claims a slice one row further on: the slices leave gaps
+        "bad tiling": lambda: fused_kl_loss(h, h, torch.randn(width, HIDDEN), vocab_group=dist.group.WORLD,
+                                            vocab_start=rank * (width + 1)),
+        # only the last rank passes a head of the wrong dtype
+        "one rank refused": lambda: fused_kl_loss(
+            h, h, torch.randn(width, HIDDEN, dtype=torch.float64 if rank == world - 1 else torch.float32),
+            vocab_group=dist.group.WORLD, vocab_start=rank * width),
+        # a target id past the whole vocabulary (world * width rows)
+        "target out of range": lambda: fused_token_logprobs(h, torch.randn(width, HIDDEN), targets * 0 + world * width,
+                                                            vocab_group=dist.group.WORLD, vocab_start=rank * width),
+    }
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    return errors
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     results = {name: run_case(name, case, seed=1000 + i) for i, (name, case) in enumerate(CASES.items())}
-    results["bad tiling"] = bad_tiling()
+    results["refusals"] = refusals()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
