@@ -2,10 +2,10 @@
 
 Each decoder layer and the root are sharded with ``fully_shard`` over a one-dimensional device
 mesh. The root is a ``Policy``: the causal LM whose forward ends in the fused loss, so FSDP2
-gathers the lm-head weight for that forward only and reduce-scatters its gradient itself; no code
-outside reads the sharded head, and no rank builds N x V logits. On CUDA the weights compute in
-bf16 with --bf16 and gradients are reduced in fp32 (``MixedPrecisionPolicy``); on the CPU the same
-code runs over gloo (tests).
+gathers the lm-head weight with the root for that forward (and keeps it through the backward, as it
+does for any root) and reduce-scatters its gradient itself; no code outside reads the sharded head,
+and no rank builds N x V logits. With --bf16 the weights compute in bf16 and gradients are reduced in
+fp32 (``MixedPrecisionPolicy``); NCCL on GPUs, gloo on the CPU (tests).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ JOB.json: {"gradients": [model folders], "grad_out": path, "train": [TrainConfig
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
+import opsdl.train
 import opsdl.train_fsdp
+from opsdl_kernels import fused_rkl_loss
 from opsdl.fsdp import init_ranks, shard, whole
 from opsdl.model import lm_head
 from opsdl.options import TrainConfig
@@ -35,10 +38,13 @@ def sequences(vocab: int, count: int, seed: int) -> tuple[list, list, list]:
             [draw(2, 7) for _ in range(count)])
 
 
-def gradient_errors(folder: str, ranks) -> dict:
+def gradient_errors(folder: str, ranks, memory: str) -> dict:
     """Every parameter's gradient of one distillation step, sharded over the ranks (each with its
     share of the sequences, the loss scaled by the global token count) against one process with all
-    of them (the mean over all tokens): the largest difference relative to the largest gradient."""
+    of them (the mean over all tokens): the largest difference relative to the largest gradient.
+    ``memory``: the fused loss's path ("lean" recomputes the teacher's logits in the backward, from
+    the teacher's gathered head)."""
+    opsdl.train.fused_rkl_loss = functools.partial(fused_rkl_loss, memory=memory)
     cfg = TrainConfig(estimator="full", impl="torch")
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     teacher = copy.deepcopy(student).requires_grad_(False)
@@ -64,7 +70,8 @@ def gradient_errors(folder: str, ranks) -> dict:
     with whole(sharded_teacher):
         loss_sum, _ = policy(students[mine], responses[mine], mode="distill", cfg=cfg, targets=my_targets,
                              teacher_rows=my_teacher_rows, teacher_head=lm_head(sharded_teacher.model))
-    (loss_sum * ranks.world / len(targets)).backward()
+        (loss_sum * ranks.world / len(targets)).backward()
+    opsdl.train.fused_rkl_loss = fused_rkl_loss
 
     expected = dict(reference.named_parameters())
     worst, head_error = 0.0, None
@@ -83,7 +90,8 @@ def main(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     ranks = init_ranks("cpu")
     if job.get("gradients"):
-        errors = {folder: gradient_errors(folder, ranks) for folder in job["gradients"]}
+        errors = {f"{folder} {memory}": gradient_errors(folder, ranks, memory) for folder in job["gradients"]
+                  for memory in ("fast", "lean")}
         if ranks.main:
             Path(job["grad_out"]).write_text(json.dumps(errors))
     if job.get("fail_on_rank") == ranks.rank:

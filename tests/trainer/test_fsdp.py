@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ from opsdl.train import train
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 MODELS = [("llama", True), ("llama", False), ("gemma2", True), ("gemma2", False)]
+# other ways through the loop, each against one process (on tiny Llama, tied)
+VARIANTS = {"sft": dict(objective="sft"), "live teacher, 2 micro-batches": dict(teacher="live", grad_accum=2),
+            "per-layer rollouts": dict(rollout_gather="per-layer"), "sampled estimator": dict(estimator="sampled")}
 # large enough a rate that two steps move every trained weight by ~1e-3: a 1e-5 agreement is a real one
 RUN = dict(device="cpu", steps=2, context_tokens=64, num_examples=8, max_new_tokens=6, temperature=0.0, lr=1e-3,
            impl="torch", seed=3)
@@ -52,6 +56,8 @@ def launched(tmp_path_factory):
     train_jobs = [dict(RUN, model=folder, batch_size=2, out=str(root / "sharded" / Path(folder).name))
                   for folder in folders.values()]
     llama = folders[("llama", True)]
+    train_jobs += [dict(RUN, model=llama, batch_size=2, out=str(root / "variants" / name), **options)
+                   for name, options in VARIANTS.items()]
     train_jobs += [dict(RUN, model=llama, batch_size=2, steps=3, teacher="ema", out=str(root / "uninterrupted")),
                    dict(RUN, model=llama, batch_size=2, teacher="ema", out=str(root / "stopped")),
                    dict(RUN, model=folders[("gemma2", False)], batch_size=2, bf16=True,
@@ -63,10 +69,11 @@ def launched(tmp_path_factory):
     return root, folders, done
 
 
+@pytest.mark.parametrize("memory", ["fast", "lean"])
 @pytest.mark.parametrize("family,tied", MODELS)
-def test_sharded_gradients_equal_one_process(launched, family, tied):
+def test_sharded_gradients_equal_one_process(launched, family, tied, memory):
     root, folders, _ = launched
-    errors = json.loads((root / "gradients.json").read_text())[folders[(family, tied)]]
+    errors = json.loads((root / "gradients.json").read_text())[f"{folders[(family, tied)]} {memory}"]
     assert errors["tied"] == tied and errors["loss"] > 0
     assert errors["lm_head"] < 1e-5, errors
     assert errors["worst"] < 1e-5, errors
@@ -94,6 +101,15 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(launched, tmp_path,
     for mine, theirs in zip(log, single_log):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
         assert mine["response_length"] == theirs["response_length"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_way_through_the_loop_trains_as_one_process(launched, tmp_path, variant):
+    root, folders, _ = launched
+    single = train(TrainConfig(**{**RUN, **VARIANTS[variant]}, model=folders[("llama", True)], batch_size=4,
+                               out=str(tmp_path / "single")))
+    got, want = weights(root / "variants" / variant / "checkpoint-000002"), weights(Path(single["checkpoint"]))
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5
 
 
 def test_resume_on_one_rank_continues_a_two_rank_run(launched):
@@ -158,3 +174,15 @@ def test_bf16_compute_over_float32_shards_trains_and_exports_float32(launched):
 
 def weights_of(folder: str) -> dict:
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def test_an_intermediate_sharded_checkpoint_is_not_taken_for_a_model(launched, tmp_path):
+    """Only the last checkpoint of a torchrun run holds the consolidated model: the others are
+    refused as models by name, before anything loads."""
+    root, _, _ = launched
+    intermediate = tmp_path / "checkpoint-000001"
+    shutil.copytree(root / "stopped" / "checkpoint-000002", intermediate)
+    for weights_file in intermediate.glob("*.safetensors"):
+        weights_file.unlink()
+    with pytest.raises(ValueError, match="sharded checkpoint of a torchrun run, without the consolidated model"):
+        load_model(str(intermediate))
