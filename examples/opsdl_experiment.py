@@ -48,8 +48,9 @@ PRESETS = {
                           seed=0, batch_size=16, rope_factor=4.0),
                 untrained=dict(tasks="multivalue,vartrack", max_new_tokens=64)),
     # seconds, for the test of this script (use with --model tiny:llama)
+    # (names its teacher as the real presets do: the EMA run's own teacher must override it)
     "smoke": dict(train=dict(task="multikey", context_tokens=64, num_examples=4, steps=2, batch_size=2,
-                             max_new_tokens=4, seed=0),
+                             max_new_tokens=4, seed=0, teacher="frozen"),
                   eval=dict(tasks="multikey", lengths="64,96", samples=2, seed=0, batch_size=2, max_new_tokens=4),
                   untrained=dict(tasks="vartrack", max_new_tokens=5)),
 }
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in runs.items():
         # a checkpoint every 5 steps (the newest kept): an interrupted experiment resumes mid-training
         cfg = TrainConfig(model=args.model, out=str(args.runs / f"{args.preset}-{name}"), resume="latest",
-                          save_every=5, save_total_limit=1, **preset["train"], **extra)
+                          save_every=5, save_total_limit=1, **{**preset["train"], **extra})
         done = latest_checkpoint(Path(cfg.out))
         if done is None or done.name != f"checkpoint-{cfg.steps:06d}":  # (re)start or resume training
             done = Path(train(cfg)["checkpoint"])
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "train_config": {name: asdict(TrainConfig(**preset["train"], **extra)) for name, extra in runs.items()},
+        "train_config": {name: asdict(TrainConfig(**{**preset["train"], **extra})) for name, extra in runs.items()},
     }
     write_atomic(out / "run.json", json.dumps(run, indent=1))
     print(f"wrote {out}")
