@@ -276,7 +276,7 @@ def train(cfg: TrainConfig) -> dict:
                                   trust_remote_code=cfg.trust_remote_code)
     state = load_trainer_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
-    if resume_from:
+    if cfg.resume:  # the log lines after the checkpoint (all of them when there is none) are run again
         rewind_log(out, start_step)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)

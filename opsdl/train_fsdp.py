@@ -65,7 +65,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     on_main(ranks, lambda: claim_output_dir(out, cfg))
     state = load_trainer_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
-    if resume_from:
+    if cfg.resume:  # the log lines after the checkpoint (all of them when there is none) are run again
         on_main(ranks, lambda: rewind_log(out, start_step))
 
     # ---- models: loaded whole on the CPU by each rank, then sharded layer by layer; the teacher

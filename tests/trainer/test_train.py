@@ -190,6 +190,15 @@ def test_overwrite_and_resume_from_a_given_checkpoint_rewind_the_log(tmp_path):
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
 
 
+def test_resume_without_a_checkpoint_starts_over_with_a_clean_log(tmp_path):
+    """A run killed before its first checkpoint leaves log lines behind; --resume finds no checkpoint,
+    starts from step 0 and writes each step's line once (it appended to the old ones before)."""
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    train(TrainConfig(**TINY, steps=2, resume="latest", out=str(tmp_path)))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] != 9.0 for r in log)
+
+
 def test_a_separate_teacher_model_scores_with_its_own_weights(tmp_path, monkeypatch):
     import opsdl.train as loop
 
