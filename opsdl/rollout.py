@@ -78,10 +78,10 @@ def sample(
     synced_gpus: bool = False,
 ) -> list[Rollout]:
     """``samples_per_prompt`` responses per prompt, left-padded into one ``generate`` call with the
-    KV cache, under the model's own attention implementation. ``synced_gpus``: ranks whose layers are
-gathered per forward (FSDP) keep stepping until every rank's batch has ended. A response ends at the first of any
+    KV cache, under the model's own attention implementation. A response ends at the first of any
     ``stop_ids`` (the generation config's EOS list). temperature 0 means greedy decoding. Reseed
-    torch beforehand for reproducible samples."""
+    torch beforehand for reproducible samples. ``synced_gpus``: ranks whose layers are gathered per
+    forward (FSDP) keep stepping until every rank's batch has ended."""
     if not prompts:
         raise ValueError("prompts: expected at least one prompt, got none")
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or samples_per_prompt < 1:

@@ -176,11 +176,10 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 class StepStats:
     """What a step's micro-batches add up to: sums only, so that ranks combine theirs in one all-reduce."""
     tokens: float = 0.0  # tokens through the models (prompts and responses)
-    rows: float = 0.0  # response tokens trained on
+    rows: float = 0.0  # response tokens trained on (one loss row each)
     loss_sum: float = 0.0
     log_ratio_sum: float = 0.0
     responses: float = 0.0
-    response_tokens: float = 0.0
     answers_found: float = 0.0  # responses holding the expected answer(s), of
     answers_checked: float = 0.0  # the responses that could be checked
     rollout_seconds: float = 0.0
@@ -192,7 +191,6 @@ class StepStats:
         self.loss_sum += loss_sum
         self.log_ratio_sum += log_ratio_sum
         self.responses += len(responses)
-        self.response_tokens += sum(len(r) for r in responses)
         checked = [f for f in found if f is not None]
         self.answers_found += sum(checked)
         self.answers_checked += len(checked)
@@ -210,7 +208,7 @@ def step_record(cfg: TrainConfig, stats: StepStats, step: int, lr: float, grad_n
         "loss": stats.loss_sum / stats.rows,
         "kl_estimate": (stats.loss_sum if cfg.estimator == "full" else stats.log_ratio_sum) / stats.rows,
         "mean_advantage": -stats.log_ratio_sum / stats.rows,
-        "response_length": stats.response_tokens / stats.responses,
+        "response_length": stats.rows / stats.responses,
         "answer_rate": stats.answers_found / stats.answers_checked if stats.answers_checked else None,
         "grad_norm": grad_norm,
         "lr": lr,
