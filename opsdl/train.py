@@ -96,9 +96,9 @@ def distillation_loss(cfg: TrainConfig, head: LMHead, teacher_head: LMHead, stud
         raise ValueError(f"teacher: its final-logit softcap {teacher_head.softcap} differs from the student's "
                          f"{head.softcap}; the fused loss applies one softcap to both")
     shared = teacher_head.weight is head.weight  # the live teacher: one weight, read once
+    teacher_weight = None if shared else _cast(teacher_head.weight, compute_dtype)
     return fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype),
-                          _cast(head.weight, compute_dtype), None if shared else _cast(teacher_head.weight, compute_dtype),
-                          targets=targets,
+                          _cast(head.weight, compute_dtype), teacher_weight, targets=targets,
                           estimator=cfg.estimator, softcap=head.softcap, bias=_cast(head.bias, compute_dtype),
                           teacher_bias=_cast(teacher_head.bias, compute_dtype), impl=cfg.impl, reduction=reduction,
                           return_log_ratio=True)

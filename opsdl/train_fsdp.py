@@ -80,7 +80,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     if cfg.objective == "opsdl" and cfg.teacher_model:
         teacher = shard(load_teacher_model(cfg, model, tokenizer, model.dtype, "cpu").eval().requires_grad_(False),
                         ranks, cfg.bf16)
-    elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):  # the initial weights (EMA: then its checkpoint)
+    elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):  # initial weights (EMA: then its checkpoint)
         initial = load_model(cfg.model, dtype=cfg.dtype, device="cpu", seed=cfg.seed, rope_factor=cfg.rope_factor,
                              trust_remote_code=cfg.trust_remote_code)[0]
         teacher = shard(initial.eval().requires_grad_(False), ranks, cfg.bf16)
