@@ -100,8 +100,24 @@ def main(job_file: str) -> None:
 
         opsdl.train_fsdp.sample = broken_sample
     for fields in job.get("train", []):
+        seen = spy_on_loss_dtypes()
         train_fsdp(TrainConfig(**fields))
+        if ranks.main:  # the dtypes the fused loss saw (hidden states, lm-head), per run
+            (Path(fields["out"]) / "loss_dtypes.json").write_text(json.dumps(sorted(set(seen))))
+    opsdl.train.fused_rkl_loss = fused_rkl_loss
     dist.destroy_process_group()
+
+
+def spy_on_loss_dtypes() -> list:
+    """Record the dtypes of the hidden states and the lm-head each fused-loss call of the loop gets."""
+    seen = []
+
+    def spy(student_rows, teacher_rows, weight, *args, **kwargs):
+        seen.append(f"{student_rows.dtype} {weight.dtype}")
+        return fused_rkl_loss(student_rows, teacher_rows, weight, *args, **kwargs)
+
+    opsdl.train.fused_rkl_loss = spy
+    return seen
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ def test_bf16_compute_over_float32_shards_trains_and_exports_float32(launched):
     root, folders, _ = launched
     log = [json.loads(line) for line in (root / "bf16" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
+    assert json.loads((root / "bf16" / "loss_dtypes.json").read_text()) == ["torch.bfloat16 torch.bfloat16"]
+    assert json.loads((root / "sharded" / "gemma2-untied" / "loss_dtypes.json").read_text()) == [
+        "torch.float32 torch.float32"]
     got, initial = weights(root / "bf16" / "checkpoint-000002"), weights_of(folders[("gemma2", False)])
     assert all(t.dtype == torch.float32 for t in got.values())
     assert max(float((got[k] - initial[k]).abs().max()) for k in got) > 5e-4
