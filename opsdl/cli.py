@@ -10,7 +10,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
-from .options import EvalConfig, PrepareConfig, TrainConfig
+from .options import EvalConfig, ExportConfig, PrepareConfig, TrainConfig
 
 
 def _flags(f: dataclasses.Field) -> list[str]:
@@ -44,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", TrainConfig, "OPSDL training (defaults: SmolLM2 on synthetic needles, CPU)"),
         ("prepare", PrepareConfig, "(long context, short context, question) triplets from your documents"),
         ("eval", EvalConfig, "accuracy by context length on the synthetic tasks"),
+        ("export", ExportConfig, "the consolidated model of any checkpoint of a torchrun run (one process)"),
     ):
         sub = commands.add_parser(name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_config_arguments(sub, config_type)
     return parser
 
 
-COMMANDS = {"train": TrainConfig, "prepare": PrepareConfig, "eval": EvalConfig}
+COMMANDS = {"train": TrainConfig, "prepare": PrepareConfig, "eval": EvalConfig, "export": ExportConfig}
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
@@ -80,6 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .train import train as run
         elif args.command == "prepare":
             from .prepare import prepare as run
+        elif args.command == "export":
+            from .fsdp_checkpoint import export as run
         else:
             from .eval import evaluate as run
         run(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -24,12 +25,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .checkpoint import LATEST, SHARDS, STATE
 from .files import sync_folder, write_atomic
 from .fsdp import Policy, Ranks
-from .options import TrainConfig
+from .options import ExportConfig, TrainConfig
 
 T = TypeVar("T")
 
@@ -130,3 +131,38 @@ def load_sharded_checkpoint(checkpoint: Path, policy: Policy, optimizer: torch.o
 def _holds(checkpoint: Path, key: str) -> bool:
     metadata = dcp.FileSystemReader(str(checkpoint / SHARDS)).read_metadata()
     return any(name.split(".", 1)[0] == key for name in metadata.state_dict_metadata)
+
+
+def export(cfg: ExportConfig) -> Path:
+    """``opsdl export``: the consolidated model of any sharded checkpoint (an intermediate one, or
+    that of a killed run), in one process without a process group: the model is built on the meta
+    device from the checkpoint's config, given empty storage, and filled from the shards in place."""
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint: expected a checkpoint folder of a torchrun run, got none")
+    checkpoint, out = Path(cfg.checkpoint), Path(cfg.out)
+    if not (checkpoint / SHARDS / ".metadata").is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: expected a checkpoint of a torchrun run (holding "
+                         f"{SHARDS}/.metadata), got {'no such folder' if not checkpoint.is_dir() else 'none'}")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: not empty; give a new folder")
+    config = AutoConfig.from_pretrained(checkpoint)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    model.to_empty(device="cpu")
+    stored = set(dcp.FileSystemReader(str(checkpoint / SHARDS)).read_metadata().state_dict_metadata)
+    wanted = {f"model.{name}": tensor for name, tensor in model.state_dict().items()
+              if f"model.model.{name}" in stored}
+    with warnings.catch_warnings():  # DCP says it assumes one process: so it is, by design
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": wanted}, checkpoint_id=checkpoint / SHARDS, no_dist=True)
+    model.tie_weights()  # an output embedding tied to the input one was stored once
+    loaded = {tensor.data_ptr() for tensor in wanted.values()}
+    missing = sorted(name for name, tensor in model.state_dict().items() if tensor.data_ptr() not in loaded)
+    if missing:
+        raise ValueError(f"--checkpoint {checkpoint}: its shards lack {missing[:3]} of the model its config describes")
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
+    sync_folder(out)
+    print(f"opsdl export: {checkpoint} -> {out}")
+    return out
+

@@ -96,8 +96,8 @@ def check_model_source(name: str, option_name: str = "--model") -> None:
             raise ValueError(f"{option_name} {name}: the folder holds no config.json (not a saved model)")
         if (path / "shards").is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise ValueError(f"{option_name} {name}: a sharded checkpoint of a torchrun run, without the "
-                             "consolidated model (only the run's last checkpoint has it); continue the run with "
-                             "--resume under torchrun, or use its last checkpoint")
+                             "consolidated model (only the run's last checkpoint has it); export it with "
+                             f"`opsdl export --checkpoint {name} --out DIR`, or continue the run with --resume")
         return
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.exists()
     if not looks_like_hub_id:

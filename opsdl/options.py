@@ -113,6 +113,12 @@ class PrepareConfig:
     overwrite: bool = option(False, "start over when --out exists without a progress file")
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: Optional[str] = option(None, "a checkpoint folder of a torchrun run (checkpoint-N holding shards/)")
+    out: str = option("runs/export", "output folder: the consolidated model (save_pretrained) and its tokenizer")
+
+
 def check_train_options(cfg: TrainConfig) -> None:
     """Every number and combination that cannot work, refused before anything is loaded; the
     message names the option, what it expects and what it got."""

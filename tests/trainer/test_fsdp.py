@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from opsdl.cli import main
 from opsdl.model import load_model, tiny_config
 from opsdl.options import TrainConfig
 from opsdl.train import train
@@ -189,3 +190,26 @@ def test_an_intermediate_sharded_checkpoint_is_not_taken_for_a_model(launched, t
         weights_file.unlink()
     with pytest.raises(ValueError, match="sharded checkpoint of a torchrun run, without the consolidated model"):
         load_model(str(intermediate))
+
+
+@pytest.mark.parametrize("run", ["stopped", "sharded/gemma2-untied"])
+def test_opsdl_export_consolidates_any_sharded_checkpoint_in_one_process(launched, tmp_path, run):
+    """`opsdl export` on a checkpoint's shards alone gives the weights the run consolidated itself
+    (tied Llama with an EMA teacher beside it, untied Gemma-2)."""
+    root, _, _ = launched
+    checkpoint = tmp_path / "checkpoint-000002"
+    shutil.copytree(root / run / "checkpoint-000002", checkpoint)
+    consolidated = weights(checkpoint)
+    for weights_file in checkpoint.glob("*.safetensors"):
+        weights_file.unlink()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]) == 0
+    exported = weights(tmp_path / "export")
+    assert sorted(exported) == sorted(consolidated)
+    assert all(torch.equal(exported[k], consolidated[k]) for k in consolidated)
+    model = load_model(str(tmp_path / "export"))[0]  # and it loads as any model folder
+    assert model.config.tie_word_embeddings == (run == "stopped")
+
+
+def test_opsdl_export_refuses_what_is_not_a_sharded_checkpoint(tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "expected a checkpoint of a torchrun run" in capsys.readouterr().err
