@@ -12,7 +12,7 @@ from torch import Tensor
 from . import torch_impl
 from .autograd import GradientInForward, NoRows, Recompute, operands, unit_scale
 from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows, lean_plan
-from .paths import lean_forward
+from .schedule import lean_forward
 from .state import LossSpec, log_ratio
 from .vocab_parallel import VocabAgreement, VocabShard, local_rows
 
@@ -28,7 +28,7 @@ def _triton_runnable(device: torch.device) -> bool:
         importlib.import_module("triton")
     except ImportError:
         return False
-    from .triton.configs import interpreting
+    from .triton_impl.configs import interpreting
 
     return device.type == "cuda" or interpreting()
 
@@ -46,7 +46,7 @@ def _resolve_impl(impl: str, device: torch.device) -> ModuleType:
             "(or the interpreter, TRITON_INTERPRET=1 set before opsdl_kernels is imported) and an "
             "importable `triton` package. Use impl='torch' or impl='auto'."
         )
-    return importlib.import_module(".triton", __package__)
+    return importlib.import_module(".triton_impl", __package__)
 
 
 def _check_hidden(name: str, x: Tensor) -> None:
@@ -183,7 +183,7 @@ def _fused(
             if shard is None:
                 state = backend.forward_state(ops, budget)
             else:  # the slab loop of the lean path, whose partial states merge over the ranks at the end
-                state = lean_forward(backend.logit_rows, ops, lean_plan(n_rows, 0, shard.widest, g is not None, budget))
+                state = lean_forward(backend, ops, lean_plan(n_rows, 0, shard.widest, g is not None, budget))
         values = spec.values(state)
     else:
         planned_vocab = weight.shape[0] if shard is None else shard.widest

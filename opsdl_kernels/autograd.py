@@ -1,4 +1,4 @@
-"""autograd Functions over the paths of ``paths.py``; each keeps O(N) per-row state beside its inputs.
+"""autograd Functions over the loops of ``schedule.py``; each keeps O(N) per-row state beside its inputs.
 
 Both return ``(output, state)``: the differentiable output and the finished per-row state of
 ``opsdl_kernels.state`` (not differentiable), from which the caller reads values and log-ratios.
@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import paths
+from . import schedule
 from .plan import lean_plan
 from .state import LossSpec
 from .vocab_parallel import VocabShard
@@ -23,10 +23,10 @@ _SECOND_BACKWARD = (
 )
 
 
-def operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard=None) -> paths.Operands:
+def operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard=None) -> schedule.Operands:
     """The operands of a call; ``teacher_weight=None`` means the teacher uses ``weight``; ``shard``:
     the weights are one rank's vocabulary rows (``vocab_parallel.VocabShard``)."""
-    return paths.Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
+    return schedule.Operands(spec, h, g, weight, weight if teacher_weight is None else teacher_weight, bias,
                           teacher_bias, targets, shard)
 
 
@@ -58,7 +58,7 @@ class GradientInForward(torch.autograd.Function):
         shard: Optional[VocabShard],
     ) -> tuple[Tensor, Tensor]:
         ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard)
-        state, ctx.grads = paths.fast_forward_backward(impl.logit_rows, ops, coef, alpha, chunk_rows,
+        state, ctx.grads = schedule.fast_forward_backward(impl, ops, coef, alpha, chunk_rows,
                                                        tuple(ctx.needs_input_grad[:3]))
         values = spec.values(state)
         loss = alpha * (values.sum() if coef is None else (values * coef).sum())
@@ -88,7 +88,7 @@ class Recompute(torch.autograd.Function):
         # every rank of a vocabulary group plans by the widest slice: their collectives must match
         ctx.plan = lean_plan(h.shape[0], h.shape[1], weight.shape[0] if shard is None else shard.widest, g is not None,
                              budget)
-        state = paths.lean_forward(impl.logit_rows, ops, ctx.plan)
+        state = schedule.lean_forward(impl, ops, ctx.plan)
         ctx.spec, ctx.impl, ctx.shard = spec, impl, shard
         ctx.save_for_backward(h, weight, bias, g, teacher_weight, teacher_bias, targets, state)
         ctx.mark_non_differentiable(state)
@@ -107,7 +107,7 @@ class Recompute(torch.autograd.Function):
                           for t, need in zip((h, weight, bias), needs))
             return (*zeros, *nones)
         ops = operands(ctx.spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, ctx.shard)
-        grads = paths.lean_backward(ctx.impl.logit_rows, ops, state, coef, alpha, ctx.plan, needs)
+        grads = schedule.lean_backward(ctx.impl, ops, state, coef, alpha, ctx.plan, needs)
         return (*grads, *nones)
 
 

@@ -1,18 +1,19 @@
 """The row math in plain PyTorch: the CPU path and the second oracle of the tests.
 
-Same functions and semantics as ``opsdl_kernels.triton``: ``logit_rows`` (the row kernel's twin,
-called by the loops of ``paths.py``) and ``forward_state`` (the no-gradient forward, here the lean
-path's slab loop). It materialises a few temporaries of the size of the logits block it is given,
+Same functions and semantics as ``opsdl_kernels.triton_impl``: ``row_state`` and ``row_grad`` (the
+row kernels' twins, called by the loops of ``schedule.py``) and ``forward_state`` (the no-gradient
+forward, here the lean path's slab loop). It materialises a few temporaries of the size of the logits block it is given,
 so its memory is a small multiple of the Triton path's.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import paths
+from . import schedule
 from .plan import lean_plan
 from .state import P, LossSpec, finalize
 
@@ -93,26 +94,33 @@ def _logit_grad(state: Tensor, spec: LossSpec, s: Tensor, t: Optional[Tensor], c
     return torch.where((weight != 0)[:, None], grad, 0.0)
 
 
-def logit_rows(
+def row_state(
     spec: LossSpec, zs: Tensor, zt: Optional[Tensor], state: Tensor, *, v0: int,
-    bias: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
-    coef: Optional[Tensor], grad: Optional[Tensor], update: bool, first: bool, last: bool,
+    bias: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor], first: bool, last: bool,
 ) -> None:
-    """For each row of a block of raw fp32 logits ``zs = h W[v0:v0+w]^T`` (and ``zt`` for the
-    teacher): with ``update``, merge the block into the running state (``first``: start it;
-    ``last``: then fill the finals); with ``grad``, write the logit gradient into it."""
+    """Merge a block of raw fp32 logits ``zs = h W[v0:v0+w]^T`` (and ``zt`` for the teacher) into
+    the running per-row state (``first``: start it; ``last``: then fill the finals)."""
     s = _logits(zs, bias, spec)
     t = None if zt is None else _logits(zt, teacher_bias, spec)
     col, inside = _target_column(targets, v0, zs.shape[1])
-    if update:
-        _update(state, spec, s, t, col, inside, first)
-        if last:
-            finalize(state, spec.has_teacher)
-    if grad is not None:
-        grad.copy_(_logit_grad(state, spec, s, t, col, inside, coef))
+    _update(state, spec, s, t, col, inside, first)
+    if last:
+        finalize(state, spec.has_teacher)
 
 
-def forward_state(ops: "paths.Operands", budget: int) -> Tensor:
+def row_grad(
+    spec: LossSpec, zs: Tensor, zt: Optional[Tensor], state: Tensor, grad: Tensor, *, v0: int,
+    bias: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor], coef: Optional[Tensor],
+) -> None:
+    """Write the logit gradient of a block of raw fp32 logits into ``grad``, from the finals of
+    ``state`` (every column of the rows seen)."""
+    s = _logits(zs, bias, spec)
+    t = None if zt is None or spec.kind != "kl" else _logits(zt, teacher_bias, spec)
+    col, inside = _target_column(targets, v0, zs.shape[1])
+    grad.copy_(_logit_grad(state, spec, s, t, col, inside, coef))
+
+
+def forward_state(ops: "schedule.Operands", budget: int) -> Tensor:
     """The finished per-row state without gradients: the lean path's forward."""
     plan = lean_plan(ops.h.shape[0], 0, ops.weight.shape[0], ops.g is not None, budget)
-    return paths.lean_forward(logit_rows, ops, plan)
+    return schedule.lean_forward(sys.modules[__name__], ops, plan)

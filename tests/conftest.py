@@ -1,7 +1,7 @@
 """Test set-up: run every Triton kernel on the CPU through Triton's interpreter.
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, so before
-``opsdl_kernels.triton`` is imported; tests that need the opposite start a subprocess.
+``opsdl_kernels.triton_impl`` is imported; tests that need the opposite start a subprocess.
 On a GPU machine, ``OPSDL_TEST_DEVICE=cuda`` runs the same tests on CUDA tensors with compiled
 Triton (``benchmarks/device_check.sh`` does this).
 """

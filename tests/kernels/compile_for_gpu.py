@@ -36,7 +36,7 @@ def _signature(fn, pointers: dict, constexprs: dict) -> dict:
 
 
 def _forward_variants():
-    from opsdl_kernels.triton.configs import FORWARD_CONFIGS
+    from opsdl_kernels.triton_impl.configs import FORWARD_CONFIGS
 
     pointers = {k: "*bf16" for k in ("h_ptr", "g_ptr", "w_ptr", "u_ptr", "b_ptr", "c_ptr")}
     pointers["y_ptr"] = "*i64"
@@ -57,7 +57,7 @@ def _forward_variants():
 def _row_variants():
     import triton
 
-    from opsdl_kernels.triton.configs import ROW_BLOCK, ROW_ROWS, ROW_WARPS
+    from opsdl_kernels.triton_impl.configs import ROW_BLOCK, ROW_ROWS, ROW_WARPS
 
     cfg = triton.Config({"BLOCK_R": ROW_ROWS, "BLOCK_V": ROW_BLOCK}, num_warps=ROW_WARPS, num_stages=1)
     pointers = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "grad_ptr": "*bf16", "bias_ptr": "*bf16",
@@ -87,8 +87,8 @@ def _compile(job) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from opsdl_kernels.triton.forward import kl_forward_fn
-    from opsdl_kernels.triton.rows import logit_rows_kernel
+    from opsdl_kernels.triton_impl.forward import kl_forward_fn
+    from opsdl_kernels.triton_impl.rows import logit_rows_kernel
 
     kernel, variant, gen, cfg, flags, pointers = job
     fn = kl_forward_fn if kernel == "forward" else logit_rows_kernel

@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 
-from opsdl_kernels.triton.configs import SHARED_MEMORY_LIMIT, shared_memory_bytes
+from opsdl_kernels.triton_impl.configs import SHARED_MEMORY_LIMIT, shared_memory_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 

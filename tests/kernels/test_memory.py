@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from opsdl_kernels import fused_rkl_loss, fused_token_logprobs, plan
-from opsdl_kernels import triton as triton_impl
+from opsdl_kernels import triton_impl
 from opsdl_kernels.matmul import has_fp32_output
-from opsdl_kernels.paths import Operands, fast_forward_backward, lean_backward, lean_forward
+from opsdl_kernels.schedule import Operands, fast_forward_backward, lean_backward, lean_forward
 from opsdl_kernels.plan import DEFAULT_MEMORY_BUDGET, fast_chunk_rows, lean_plan
 from opsdl_kernels.state import LossSpec
-from opsdl_kernels.triton import rows as triton_rows
+from opsdl_kernels.triton_impl import rows as triton_rows
 
 from .inputs import make_inputs
 from .tracking import Tracker
@@ -77,7 +77,7 @@ def test_fast_path_issues_four_products_per_chunk_at_gpu_shape(shape, monkeypatc
     chunk = fast_chunk_rows(n, vocab, True, DEFAULT_MEMORY_BUDGET)
     chunks = -(-n // chunk)
     with Tracker() as tracker:
-        state, grads = fast_forward_backward(triton_impl.logit_rows, ops, None, 1.0 / n, chunk, (True, True, False))
+        state, grads = fast_forward_backward(triton_impl, ops, None, 1.0 / n, chunk, (True, True, False))
     extra_mib = (tracker.peak_bytes - _grad_bytes(ops)) / MiB
     record_property("chunk_rows", chunk)
     record_property("peak_extra_mib", extra_mib)
@@ -88,7 +88,7 @@ def test_fast_path_issues_four_products_per_chunk_at_gpu_shape(shape, monkeypatc
         rows = min(chunk, n - (i // 4) * chunk)
         assert p.flop == 2.0 * rows * vocab * hidden, p  # each a whole projection of the chunk
         assert p.out_dtype == (torch.float32 if i % 4 < 2 else torch.bfloat16), p  # fp32 logits
-    assert len(triton_rows.logit_rows_kernel.launches) == chunks
+    assert len(triton_rows.logit_rows_kernel.launches) == 2 * chunks  # state, then gradient
     logits_mib = 2 * chunk * vocab * 4 / MiB
     assert logits_mib <= extra_mib <= logits_mib + 1 and extra_mib <= DEFAULT_MEMORY_BUDGET / MiB
 
@@ -103,9 +103,9 @@ def test_lean_path_stays_within_256_mib_at_any_vocabulary(n, hidden, vocab, kind
     ops = _meta_operands(n, hidden, vocab, kind)
     lean = lean_plan(n, hidden, vocab, True, budget)
     with Tracker() as tracker:
-        state = lean_forward(triton_impl.logit_rows, ops, lean)
+        state = lean_forward(triton_impl, ops, lean)
         coef = torch.empty(n, device="meta")
-        grads = lean_backward(triton_impl.logit_rows, ops, state, coef, 1.0, lean, (True, True, False))
+        grads = lean_backward(triton_impl, ops, state, coef, 1.0, lean, (True, True, False))
     extra_mib = (tracker.peak_bytes - _grad_bytes(ops)) / MiB
     record_property("peak_extra_mib", extra_mib)
     slabs = -(-vocab // lean.slab) * -(-n // lean.block_rows)

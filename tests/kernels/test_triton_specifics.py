@@ -14,14 +14,14 @@ import torch
 import triton
 
 from opsdl_kernels import fused_rkl_loss, fused_token_logprobs, torch_impl
-from opsdl_kernels import triton as triton_impl
-from opsdl_kernels.paths import Operands
+from opsdl_kernels import triton_impl
+from opsdl_kernels.schedule import Operands
 from opsdl_kernels.state import P, LossSpec
-from opsdl_kernels.triton import forward
-from opsdl_kernels.triton.configs import (
+from opsdl_kernels.triton_impl import forward
+from opsdl_kernels.triton_impl.configs import (
     FALLBACK_CONFIG, FORWARD_CONFIGS, SHARED_MEMORY_LIMIT, VOCAB_SPLIT_ALIGN, shared_memory_bytes,
 )
-from opsdl_kernels.triton.forward import plan_vocab_splits
+from opsdl_kernels.triton_impl.forward import plan_vocab_splits
 
 from .inputs import make_inputs
 from .reference import reference_kl, rel_err
@@ -141,7 +141,7 @@ def test_autotune_pruning_on_a_gpu_and_pinning(pin, monkeypatch):
     """What the prune hook returns on a GPU (the interpreter skips it): the configs listed for the
     card's generation that fit its shared memory, only the first with OPSDL_PIN_CONFIG=1 (the GPU
     test mode), the fallback when none fits."""
-    from opsdl_kernels.triton import configs
+    from opsdl_kernels.triton_impl import configs
 
     monkeypatch.setattr(configs, "interpreting", lambda: False)
     monkeypatch.setattr(configs, "generation", lambda device: gen)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..paths import Operands
+from ..schedule import Operands
 from ..state import P, RUNNING, finalize, merge_splits
 from .configs import FORWARD_CONFIGS, VOCAB_SPLIT_ALIGN, all_configs, interpreting, on_device, prune_for_device
 from .tiles import cap_and_scale, online_update, project_pair_tile, project_tile

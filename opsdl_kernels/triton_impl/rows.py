@@ -182,13 +182,10 @@ def logit_rows_kernel(
             tl.store(grad_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def logit_rows(
-    spec: LossSpec, zs: Tensor, zt: Optional[Tensor], state: Tensor, *, v0: int,
-    bias: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
-    coef: Optional[Tensor], grad: Optional[Tensor], update: bool, first: bool, last: bool,
-) -> None:
-    """Triton twin of ``torch_impl.logit_rows``. Absent inputs are passed as None (never a stand-in
-    tensor), so no slot can alias a real buffer."""
+def _launch(spec: LossSpec, zs: Tensor, zt: Optional[Tensor], state: Tensor, grad: Optional[Tensor], *, v0: int,
+            bias: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
+            coef: Optional[Tensor], update: bool, first: bool, last: bool) -> None:
+    """Absent inputs are passed as None (never a stand-in tensor), so no slot can alias a real buffer."""
     n_rows, width = zs.shape
     if n_rows == 0:
         return
@@ -204,3 +201,19 @@ def logit_rows(
             KIND=KIND_CODE[spec.kind], MIX_FORWARD=spec.mixes_forward, UPDATE=update,
             BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
         )
+
+
+def row_state(spec: LossSpec, zs: Tensor, zt: Optional[Tensor], state: Tensor, *, v0: int,
+              bias: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
+              first: bool, last: bool) -> None:
+    """Triton twin of ``torch_impl.row_state``."""
+    _launch(spec, zs, zt, state, None, v0=v0, bias=bias, teacher_bias=teacher_bias, targets=targets, coef=None,
+            update=True, first=first, last=last)
+
+
+def row_grad(spec: LossSpec, zs: Tensor, zt: Optional[Tensor], state: Tensor, grad: Tensor, *, v0: int,
+             bias: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
+             coef: Optional[Tensor]) -> None:
+    """Triton twin of ``torch_impl.row_grad``."""
+    _launch(spec, zs, zt, state, grad, v0=v0, bias=bias, teacher_bias=teacher_bias, targets=targets, coef=coef,
+            update=False, first=False, last=False)

@@ -1,9 +1,10 @@
 """The two gradient structures of ``plan.py`` as loops of cuBLAS products around a row kernel.
 
-Every function here takes ``rows``, an implementation's ``logit_rows`` (Triton kernel or PyTorch),
-which reads blocks of fp32 logits that the products wrote and updates the per-row state of
-``state.py`` and/or writes the logit gradient ``G`` in the inputs' dtype into the storage of the
-logits it just read (so ``G`` costs no memory). Nothing here depends on the implementation.
+Every function here takes ``rows``, an implementation's row kernels (``torch_impl`` or
+``triton_impl``), which read blocks of fp32 logits that the products wrote: ``rows.row_state``
+merges a block into the per-row state of ``state.py``; ``rows.row_grad`` writes the logit gradient
+``G`` in the inputs' dtype into the storage of the logits it has just read (so ``G`` costs no
+memory). Nothing here depends on the implementation.
 
 Arguments shared by all: ``h`` (N, H) student hidden states, ``g`` (N, H_t) teacher hidden states
 or None (log-probs), ``weight`` (V, H), ``teacher_weight`` (V, H_t), ``bias``/``teacher_bias`` (V,)
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -75,7 +77,7 @@ def _slice(t: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
 
 
 def fast_forward_backward(
-    rows: Callable, ops: Operands, coef: Optional[Tensor], alpha: float, chunk_rows: int,
+    rows: ModuleType, ops: Operands, coef: Optional[Tensor], alpha: float, chunk_rows: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Grads]:
     """The fast path: per-row state and the gradient of ``alpha * sum_i coef_i value_i``, in one
@@ -99,13 +101,12 @@ def fast_forward_backward(
         zt = None if t_buf is None else mm_fp32(ops.g[start:stop], ops.u_logits, _matrix(t_buf, stop - start, vocab))
         grad = _grad_view(zs if zt is None else zt, h.dtype)
         common = dict(v0=ops.v_start, bias=ops.bias, teacher_bias=ops.teacher_bias,
-                      targets=_slice(ops.targets, start, stop), coef=_slice(coef, start, stop))
-        if ops.shard is None:  # state, then G, in one pass of the row kernel
-            rows(ops.spec, zs, zt, state[:, start:stop], grad=grad, update=True, first=True, last=True, **common)
-        else:  # this slice's state, merged over the ranks, then G of the slice from the merged finals
-            rows(ops.spec, zs, zt, state[:, start:stop], grad=None, update=True, first=True, last=False, **common)
+                      targets=_slice(ops.targets, start, stop))
+        # the chunk's state (a vocabulary slice's is merged over the ranks first), then G from the finals
+        rows.row_state(ops.spec, zs, zt, state[:, start:stop], first=True, last=ops.shard is None, **common)
+        if ops.shard is not None:
             merge_over_ranks(state[:, start:stop], ops.shard, ops.spec.has_teacher)
-            rows(ops.spec, zs, zt, state[:, start:stop], grad=grad, update=False, first=False, last=False, **common)
+        rows.row_grad(ops.spec, zs, zt, state[:, start:stop], grad, coef=_slice(coef, start, stop), **common)
         if dh32 is not None:
             part = addmm_fp32_(dh32[: stop - start].zero_(), grad, ops.weight)
             dh[start:stop].copy_(sum_over_ranks_(part.mul_(alpha), ops.shard))
@@ -117,7 +118,7 @@ def fast_forward_backward(
     return state, (dh, dw, None if db is None else (db * alpha).to(ops.bias.dtype))
 
 
-def lean_forward(rows: Callable, ops: Operands, plan: LeanPlan) -> Tensor:
+def lean_forward(rows: ModuleType, ops: Operands, plan: LeanPlan) -> Tensor:
     """The per-row state over vocabulary slabs: ``S = h W[slab]^T``, ``T = g U[slab]^T`` (fp32),
     the row kernel merging each slab into the running state. Nothing is kept but the state."""
     h, n, dev = ops.h, ops.h.shape[0], ops.h.device
@@ -132,14 +133,14 @@ def lean_forward(rows: Callable, ops: Operands, plan: LeanPlan) -> Tensor:
             v1 = min(vocab, v0 + plan.slab)
             zs = mm_fp32(h[r0:r1], ops.w_logits[v0:v1], _matrix(s_buf, r1 - r0, v1 - v0))
             zt = None if t_buf is None else mm_fp32(ops.g[r0:r1], ops.u_logits[v0:v1], _matrix(t_buf, r1 - r0, v1 - v0))
-            rows(ops.spec, zs, zt, state[:, r0:r1], v0=ops.v_start + v0, bias=_slice(ops.bias, v0, v1),
-                 teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1), coef=None,
-                 grad=None, update=True, first=v0 == 0, last=v1 == vocab and ops.shard is None)
+            rows.row_state(ops.spec, zs, zt, state[:, r0:r1], v0=ops.v_start + v0, bias=_slice(ops.bias, v0, v1),
+                           teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1),
+                           first=v0 == 0, last=v1 == vocab and ops.shard is None)
     return state if ops.shard is None else merge_over_ranks(state, ops.shard, ops.spec.has_teacher)
 
 
 def lean_backward(
-    rows: Callable, ops: Operands, state: Tensor, coef: Tensor, alpha: float, plan: LeanPlan,
+    rows: ModuleType, ops: Operands, state: Tensor, coef: Tensor, alpha: float, plan: LeanPlan,
     needs: tuple[bool, bool, bool],
 ) -> Grads:
     """The gradient of ``alpha * sum_i coef_i value_i`` by recomputing each slab's logits (the
@@ -165,9 +166,9 @@ def lean_backward(
             zs = mm_fp32(h[r0:r1], ops.w_logits[v0:v1], _matrix(s_buf, r1 - r0, v1 - v0))
             zt = mm_fp32(ops.g[r0:r1], ops.u_logits[v0:v1], _matrix(t_buf, r1 - r0, v1 - v0)) if teacher_logits else None
             grad = _grad_view(zs if zt is None else zt, h.dtype)
-            rows(ops.spec, zs, zt, state[:, r0:r1], v0=ops.v_start + v0, bias=_slice(ops.bias, v0, v1),
-                 teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1),
-                 coef=coef[r0:r1], grad=grad, update=False, first=False, last=False)
+            rows.row_grad(ops.spec, zs, zt, state[:, r0:r1], grad, v0=ops.v_start + v0, bias=_slice(ops.bias, v0, v1),
+                          teacher_bias=_slice(ops.teacher_bias, v0, v1), targets=_slice(ops.targets, r0, r1),
+                          coef=coef[r0:r1])
             if acc is not None:
                 addmm_fp32_(acc, grad, ops.weight[v0:v1])
             if dw is not None:
