@@ -1,7 +1,9 @@
 """Compile the Triton kernels for real GPUs (no GPU needed) and report each variant's shared memory.
 
 Run without TRITON_INTERPRET: ``python -m tests.kernels.compile_for_gpu`` prints one JSON line per
-compiled (kernel, variant, generation, config). The interpreter runs kernels as Python and cannot
+compiled (kernel, variant, generation, config): shared memory, ``bar.sync`` count in the PTX, and
+from the cubin (Triton's bundled cuobjdump) registers per thread, stack frame bytes and the number
+of local-memory loads/stores in the SASS (spills; 0 when everything lives in registers). The interpreter runs kernels as Python and cannot
 catch what only the compiler checks (constexpr globals, types, shared memory, launch
 specialisation); this does. Two launch specialisations are imitated: an absent input passed as
 None becomes a constexpr None, and an integer argument equal to 1 becomes the constant 1 (the
@@ -11,7 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 ARCH = {"hopper": 90, "ampere": 80, "ampere_small": 86}
@@ -82,6 +87,21 @@ def _row_variants():
         yield "rows", "odd_width", gen, cfg, fast, pointers  # V not a multiple of 16: unvectorised loads
 
 
+def resources(cubin: bytes) -> dict:
+    """Registers, stack bytes and local loads/stores (``LDL``/``STL`` in the SASS) of a one-kernel cubin."""
+    from triton import knobs
+
+    cuobjdump = knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], check=True, capture_output=True, text=True).stdout
+    figures = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+    return {"registers": int(figures["REG"]), "stack": int(figures["STACK"]), "local": int(figures["LOCAL"]),
+            "local_loads": len(re.findall(r"\bLDL\b", sass)), "local_stores": len(re.findall(r"\bSTL\b", sass))}
+
+
 def _compile(job) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -110,7 +130,7 @@ def _compile(job) -> dict:
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     return {"kernel": kernel, "variant": variant, "gen": gen, "config": cfg.kwargs, "num_stages": cfg.num_stages,
             "shared": compiled.metadata.shared, "grad": pointers.get("grad_ptr") if "grad_ptr" not in flags else None,
-            "barriers": compiled.asm["ptx"].count("bar.sync")}
+            "barriers": compiled.asm["ptx"].count("bar.sync"), **resources(compiled.asm["cubin"])}
 
 
 def main() -> int:
