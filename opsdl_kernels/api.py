@@ -1,52 +1,44 @@
-"""Public entry points: argument checks, flattening and row selection, reduction, impl dispatch."""
+"""Public entry points: argument checks, flattening, row weights, reduction, impl and path choice."""
 from __future__ import annotations
 
-import importlib
+import contextlib
+import importlib.util
 import math
-from types import ModuleType
+import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import torch_impl
-from .autograd import GradientInForward, NoRows, Recompute, operands, unit_scale
-from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows, lean_plan
-from .schedule import lean_forward
+from .autograd import Call, run
+from .plan import DEFAULT_MEMORY_BUDGET, MIN_FAST_ROWS, fast_chunk_rows
 from .state import LossSpec, log_ratio
-from .vocab_parallel import VocabAgreement, VocabShard, local_rows
+from .vocab_parallel import VocabAgreement, local_rows
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ESTIMATORS = ("full", "sampled")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch")
 MEMORY = ("auto", "fast", "lean")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _triton_runnable(device: torch.device) -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    from .triton_impl.configs import interpreting
-
-    return device.type == "cuda" or interpreting()
-
-
-def _resolve_impl(impl: str, device: torch.device) -> ModuleType:
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    """"torch" or "triton": the Triton kernels on CUDA (or under the interpreter), PyTorch elsewhere."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "torch" or (impl == "auto" and device.type != "cuda"):
-        return torch_impl
-    if not _triton_runnable(device):
+        return "torch"
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not (_HAS_TRITON and (device.type == "cuda" or interpreting)):
         if impl == "auto":
-            return torch_impl
+            return "torch"
         raise RuntimeError(
             f"impl='triton' cannot run here: tensors are on {device} and Triton needs a CUDA device "
             "(or the interpreter, TRITON_INTERPRET=1 set before opsdl_kernels is imported) and an "
             "importable `triton` package. Use impl='torch' or impl='auto'."
         )
-    return importlib.import_module(".triton_impl", __package__)
+    return "triton"
 
 
 def _check_hidden(name: str, x: Tensor) -> None:
@@ -84,13 +76,13 @@ def _check_row_tensor(name: str, t: Optional[Tensor], lead: torch.Size, kind: st
     if not isinstance(t, Tensor) or t.shape != lead:
         got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{name}: expected shape {tuple(lead)} (the leading shape of the hidden states), got {got}")
-    ok = {
-        "bool": t.dtype == torch.bool,
-        "int": not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool,
-        "float": t.dtype.is_floating_point,
+    ok, expected = {
+        "bool": (t.dtype == torch.bool, "a boolean"),
+        "int": (not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool, "an integer"),
+        "float": (t.dtype.is_floating_point, "a floating-point"),
     }[kind]
     if not ok:
-        raise ValueError(f"{name}: expected a {kind} tensor, got dtype {t.dtype}")
+        raise ValueError(f"{name}: expected {expected} tensor, got dtype {t.dtype}")
 
 
 def _check_scalars(temperature: float, softcap: Optional[float]) -> None:
@@ -106,16 +98,26 @@ def _check_devices(device: torch.device, **tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name}: expected a tensor on {device} (the device of the hidden states), got {t.device}")
 
 
-def _counted_rows(mask: Optional[Tensor], n_rows: int) -> Optional[Tensor]:
-    """Indices of the rows that count, or None when every row does."""
-    return None if mask is None else mask.reshape(n_rows).nonzero().squeeze(1)
-
-
-def _take(x: Optional[Tensor], rows: Optional[Tensor], width: Optional[int] = None) -> Optional[Tensor]:
+def _rows(x: Optional[Tensor], width: Optional[int] = None) -> Optional[Tensor]:
+    """A per-row tensor flattened over the leading shape (``width``: keep the last dimension)."""
     if x is None:
         return None
-    flat = x.reshape(-1) if width is None else x.reshape(-1, width)
-    return flat if rows is None else flat.index_select(0, rows)
+    return x.reshape(-1) if width is None else x.reshape(-1, width)
+
+
+def _check_targets(targets: Tensor, mask: Optional[Tensor], vocab: int) -> None:
+    """Token ids in [0, vocab) on the rows that count. On CPU tensors in eager mode the values are
+    read and named; elsewhere the check runs on the device, asynchronously (no host sync)."""
+    bad = (targets < 0) | (targets >= vocab)
+    if mask is not None:
+        bad = bad & mask.reshape(-1)
+    expected = f"targets: expected token ids in [0, {vocab}) on the rows that count"
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            wrong = targets[bad]
+            raise ValueError(f"{expected}, got values in [{int(wrong.min())}, {int(wrong.max())}]")
+        return
+    torch._assert_async(~bad.any(), f"{expected}, got an id outside that range")
 
 
 def _check_memory(memory: str, memory_budget: Optional[int], reduction: str) -> int:
@@ -131,30 +133,58 @@ def _check_memory(memory: str, memory_budget: Optional[int], reduction: str) -> 
     return memory_budget
 
 
-def _expand(per_row: Tensor, rows: Optional[Tensor], lead: torch.Size) -> Tensor:
-    """Per counted row -> the leading shape, 0 on rows that do not count."""
-    n_rows = math.prod(lead)
-    full = per_row if rows is None else per_row.new_zeros(n_rows).index_copy(0, rows, per_row)
-    return full.reshape(lead)
+def _agree_on_targets(agreement: VocabAgreement, targets: Tensor, mask: Optional[Tensor], vocab: int) -> None:
+    """Targets checked here (one head), or by all ranks at once on leaving the agreement (a head split
+    over a vocabulary group, whose size is known only then)."""
+    if agreement.group is None:
+        _check_targets(targets, mask, vocab)
+    else:
+        agreement.check_targets(targets if mask is None else targets[mask.reshape(-1)])
 
 
-def _reduce(values: Tensor, rows: Optional[Tensor], lead: torch.Size, reduction: str) -> Tensor:
+def _row_weights(mask: Optional[Tensor], token_weights: Optional[Tensor]) -> Optional[Tensor]:
+    """The weight of each row in the loss (mask and token weights multiplied), or None for all 1."""
+    if mask is None:
+        return token_weights
+    weights = mask.to(torch.float32)
+    return weights if token_weights is None else weights * token_weights
+
+
+def _per_row(values: Tensor, mask: Optional[Tensor], lead: torch.Size) -> Tensor:
+    """Per-row values in the leading shape, exactly 0 on rows that do not count."""
+    if mask is not None:
+        values = torch.where(mask, values, 0.0)
+    return values.reshape(lead)
+
+
+def _reduce(values: Tensor, weights: Optional[Tensor], mask: Optional[Tensor], lead: torch.Size,
+            reduction: str) -> Tensor:
+    """The loss from per-row values: weighted, then per row, summed, or averaged over the counted rows."""
+    if weights is not None:
+        values = values * weights
     if reduction == "none":
-        return _expand(values, rows, lead)
+        return _per_row(values, mask, lead)
+    if mask is not None:  # a masked row's value is never read (it may be anything)
+        values = torch.where(mask, values, 0.0)
     total = values.sum()
     if reduction == "mean":
-        total = total / max(values.shape[0], 1)
+        total = total / _count(mask, values.shape[0])
     return total
 
 
-def _fast_chunk(n_rows: int, weight: Tensor, teacher: bool, row_weights: Optional[Tensor], reduction: str,
+def _count(mask: Optional[Tensor], n_rows: int) -> Union[Tensor, int]:
+    """Rows that count, at least 1 (a mean over no rows is 0): a tensor with a mask (no host sync)."""
+    return max(n_rows, 1) if mask is None else mask.sum().clamp_min(1)
+
+
+def _fast_chunk(n_rows: int, weight: Tensor, teacher: bool, token_weights: Optional[Tensor], reduction: str,
                 memory: str, budget: int, planned_vocab: int) -> int:
     """Rows per chunk of the fast path, or 0 for the lean one. "auto" goes lean where the fast path
     cannot serve: no reduction (each row's weight comes with the backward), token weights that
     require grad (their gradient needs the per-row values in the graph), fp16 (a loss scaler's
     factor also comes with the backward, after the fast path has rounded its gradients), or no room
     for a chunk of ``MIN_FAST_ROWS`` rows in ``budget``."""
-    if memory == "lean" or reduction == "none" or (row_weights is not None and row_weights.requires_grad):
+    if memory == "lean" or reduction == "none" or (token_weights is not None and token_weights.requires_grad):
         return 0
     if memory == "auto" and weight.dtype == torch.float16:
         return 0
@@ -168,40 +198,38 @@ def _fast_chunk(n_rows: int, weight: Tensor, teacher: bool, row_weights: Optiona
 
 
 def _fused(
-    spec: LossSpec, backend: ModuleType, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
+    spec: LossSpec, impl: str, h: Tensor, weight: Tensor, bias: Optional[Tensor], g: Optional[Tensor],
     teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], targets: Optional[Tensor],
-    row_weights: Optional[Tensor], rows: Optional[Tensor], lead: torch.Size, reduction: str, memory: str,
-    budget: int, shard: Optional[VocabShard],
+    mask: Optional[Tensor], token_weights: Optional[Tensor], lead: torch.Size, reduction: str, memory: str,
+    budget: int, agreement: VocabAgreement,
 ) -> tuple[Tensor, Tensor]:
     """The loss (reduced, or per row in the leading shape) and the per-row state, by the path that
-    fits: no gradient -> one fused forward; gradient and row weights known now -> the fast path when
-    a chunk fits ``budget``; otherwise the lean (recompute) path. ``h`` etc. hold counted rows only."""
+    fits: no gradient -> the no-gradient forward; gradient and row weights known now -> the fast path
+    when a chunk fits ``budget``; otherwise the lean (recompute) path. Every row is computed; rows
+    that do not count weigh 0, their hidden states replaced by zeros (no data-dependent shapes, so
+    nothing here syncs with the device)."""
     n_rows = h.shape[0]
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))):
-        with torch.no_grad():
-            ops = operands(spec, h, weight, bias, g, teacher_weight, teacher_bias, targets, shard)
-            if shard is None:
-                state = backend.forward_state(ops, budget)
-            else:  # the slab loop of the lean path, whose partial states merge over the ranks at the end
-                state = lean_forward(backend, ops, lean_plan(n_rows, 0, shard.widest, g is not None, budget))
-        values = spec.values(state)
-    else:
-        planned_vocab = weight.shape[0] if shard is None else shard.widest
-        chunk = _fast_chunk(n_rows, weight, g is not None, row_weights, reduction, memory, budget, planned_vocab)
-        if chunk:
-            coef, peak = unit_scale(None if row_weights is None else row_weights.float())
-            alpha = peak / n_rows if reduction == "mean" else peak
-            return GradientInForward.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, coef, spec,
-                                           backend, alpha, chunk, shard)
-        values, state = Recompute.apply(h, weight, bias, g, teacher_weight, teacher_bias, targets, spec, backend,
-                                        budget, shard)
-    return _reduce(values if row_weights is None else values * row_weights, rows, lead, reduction), state
-
-
-def _no_rows(h: Tensor, weight: Tensor, bias: Optional[Tensor], lead: torch.Size, reduction: str) -> Tensor:
-    """Every row masked out: zeros with zero gradients (a mean over no rows is 0), nothing computed."""
-    empty = NoRows.apply(h, weight, bias)
-    return _reduce(empty, torch.zeros(0, dtype=torch.long, device=h.device), lead, reduction)
+    shard = agreement.shard
+    where = {} if shard is None else dict(vocab_group=shard.group.group_name, vocab_start=shard.start,
+                                          vocab_total=shard.vocab, vocab_widest=shard.widest)
+    weights = _row_weights(mask, token_weights)
+    if mask is not None:  # rows that do not count are computed as zeros: whatever they hold stays out
+        h = torch.where(mask[:, None], h, 0.0)
+        g = None if g is None else torch.where(mask[:, None], g, 0.0)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+    planned_vocab = weight.shape[0] if shard is None else shard.widest
+    chunk = _fast_chunk(n_rows, weight, g is not None, token_weights, reduction, memory, budget, planned_vocab) if grad else 0
+    if chunk:
+        coef, scale = weights, 1.0 / max(n_rows, 1) if reduction == "mean" else 1.0
+        if mask is not None and reduction == "mean":
+            coef, scale = weights / _count(mask, n_rows), 1.0
+        loss, state = run(Call(spec, impl, "fast", chunk, budget, scale, **where), h, weight, bias, g,
+                          teacher_weight, teacher_bias, targets,
+                          None if coef is None else coef.detach().float().contiguous())
+        return loss, state
+    values, state = run(Call(spec, impl, "lean" if grad else "no_grad", 0, budget, 1.0, **where), h, weight,
+                        bias, g, teacher_weight, teacher_bias, targets, None)
+    return _reduce(values, weights, mask, lead, reduction), state
 
 
 def fused_kl_loss(
@@ -302,9 +330,11 @@ def fused_kl_loss(
             if teacher_weight.shape[0] != vocab:
                 raise ValueError(f"teacher_weight: expected vocabulary size {vocab} (that of weight), "
                                  f"got {teacher_weight.shape[0]}")
-        else:
-            _check_weight("teacher_hidden (with teacher_weight=None the teacher uses weight)",
-                          weight, teacher_hidden_size, teacher_hidden.dtype, "teacher_hidden")
+        elif teacher_hidden_size != hidden:
+            raise ValueError(f"teacher_hidden: width {teacher_hidden_size} differs from student_hidden's {hidden}, and "
+                             "teacher_weight is None, so the teacher would use weight; pass the teacher's own head as "
+                             f"teacher_weight (shape (vocab, {teacher_hidden_size})), or teacher hidden states of width "
+                             f"{hidden}")
         _check_bias("bias", bias, vocab)
         _check_bias("teacher_bias", teacher_bias, vocab)
         if targets is None and (sampled or return_log_ratio):
@@ -317,26 +347,20 @@ def fused_kl_loss(
         _check_devices(device, teacher_hidden=teacher_hidden, weight=weight, teacher_weight=teacher_weight,
                        bias=bias, teacher_bias=teacher_bias, targets=targets, mask=mask, token_weights=token_weights)
         backend = _resolve_impl(impl, device)
-
-        rows = _counted_rows(mask, math.prod(lead))
-        row_targets = _take(targets, rows)
-        if row_targets is not None:
-            agreement.check_targets(row_targets, vocab)
-            row_targets = row_targets.long().contiguous()
-        h = _take(student_hidden, rows, hidden)
+        flat_targets = _rows(targets)
+        if flat_targets is not None:
+            _agree_on_targets(agreement, flat_targets, mask, vocab)
+            flat_targets = flat_targets.long().contiguous()
+        h = _rows(student_hidden, hidden)
         agreement.rows = h.shape[0]
-    shard = agreement.shard
-    if h.shape[0] == 0:
-        loss = _no_rows(h, weight, bias, lead, reduction)
-        return (loss, torch.zeros(lead, device=device)) if return_log_ratio else loss
     spec = LossSpec("sampled" if sampled else "kl", float(temperature), None if softcap is None else float(softcap),
                     float(reverse_weight))
     loss, state = _fused(
-        spec, backend, h, weight, bias, _take(teacher_hidden.detach(), rows, teacher_hidden_size),
+        spec, backend, h, weight, bias, _rows(teacher_hidden.detach(), teacher_hidden_size),
         None if shared else teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-        row_targets, _take(token_weights, rows), rows, lead, reduction, memory, budget, shard)
+        flat_targets, _rows(mask), _rows(token_weights), lead, reduction, memory, budget, agreement)
     if return_log_ratio:
-        return loss, _expand(log_ratio(state), rows, lead)
+        return loss, _per_row(log_ratio(state), _rows(mask), lead)
     return loss
 
 
@@ -415,13 +439,10 @@ def fused_token_logprobs(
         _check_devices(hidden.device, weight=weight, bias=bias, targets=targets)
         backend = _resolve_impl(impl, hidden.device)
         flat_targets = targets.reshape(-1)
-        agreement.check_targets(flat_targets, weight.shape[0])
+        _agree_on_targets(agreement, flat_targets, None, weight.shape[0])
         h = hidden.reshape(-1, width)
         agreement.rows = h.shape[0]
-    shard = agreement.shard
-    if h.shape[0] == 0:
-        return _no_rows(h, weight, bias, lead, reduction)
     spec = LossSpec("logprob", float(temperature), None if softcap is None else float(softcap))
     loss, _ = _fused(spec, backend, h, weight, bias, None, None, None, flat_targets.long().contiguous(), None,
-                     None, lead, reduction, memory, budget, shard)
+                     None, lead, reduction, memory, budget, agreement)
     return loss

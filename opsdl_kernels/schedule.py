@@ -59,6 +59,10 @@ def _buffer(rows: int, cols: int, device: torch.device) -> Tensor:
     return torch.empty(rows * cols, dtype=torch.float32, device=device)
 
 
+def _zeros_like(t: Tensor) -> Tensor:
+    return torch.zeros_like(t, memory_format=torch.contiguous_format)
+
+
 def _matrix(buffer: Tensor, rows: int, cols: int) -> Tensor:
     """A contiguous (rows, cols) fp32 matrix at the start of a reused flat buffer."""
     return buffer[: rows * cols].view(rows, cols)
@@ -90,10 +94,12 @@ def fast_forward_backward(
     state = new_state(n, dev)
     s_buf = _buffer(chunk_rows, vocab, dev)
     t_buf = _buffer(chunk_rows, vocab, dev) if ops.g is not None else None
-    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
+    # every output starts as zeros: no product may read uninitialised memory (a BLAS asked for beta=0
+    # has been seen to keep NaN rows from the garbage it was given)
+    dh = _zeros_like(h) if need_dh else None
     # a vocabulary slice's part of dh is summed over the ranks in fp32, one chunk at a time
     dh32 = torch.empty((chunk_rows, h.shape[1]), dtype=torch.float32, device=dev) if need_dh and ops.shard else None
-    dw = torch.empty_like(ops.weight, memory_format=torch.contiguous_format) if need_dw else None
+    dw = _zeros_like(ops.weight) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
@@ -154,9 +160,9 @@ def lean_backward(
     block = min(plan.block_rows, n)
     s_buf = _buffer(block, min(plan.slab, vocab), dev)
     t_buf = _buffer(block, min(plan.slab, vocab), dev) if teacher_logits else None
-    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
-    dh32 = torch.empty((block, h.shape[1]), dtype=torch.float32, device=dev) if need_dh else None
-    dw = torch.empty_like(ops.weight, memory_format=torch.contiguous_format) if need_dw else None
+    dh = _zeros_like(h) if need_dh else None
+    dh32 = torch.zeros((block, h.shape[1]), dtype=torch.float32, device=dev) if need_dh else None
+    dw = _zeros_like(ops.weight) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
     for r0 in range(0, n, plan.block_rows):
         r1 = min(n, r0 + plan.block_rows)

@@ -50,13 +50,10 @@ class VocabAgreement:
         self.targets = (0, -1)  # the smallest and largest target id this rank counts (none: an empty range)
         self.shard: Optional[VocabShard] = None
 
-    def check_targets(self, targets: Tensor, local_vocab: int) -> None:
-        """Target ids in [0, V): checked here without a group, on leaving the block (V known) with one."""
-        if self.group is None:
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= local_vocab):
-                raise ValueError(f"targets: expected token ids in [0, {local_vocab}) on the rows that count, "
-                                 f"got values in [{int(targets.min())}, {int(targets.max())}]")
-        elif targets.numel():
+    def check_targets(self, targets: Tensor) -> None:
+        """Keep the range of this rank's target ids (of the rows that count): checked against the
+        whole vocabulary on leaving the block, when the slices are known."""
+        if targets.numel():
             self.targets = (int(targets.min()), int(targets.max()))
 
     def local(self, weight, vocab_group: Optional[dist.ProcessGroup], vocab_start: Optional[int]):

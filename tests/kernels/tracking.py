@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch._library.custom_ops import OPDEFS
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -30,7 +31,7 @@ class Product:
 class Tracker(TorchDispatchMode):
     """Inside ``with Tracker() as t``: ``t.shapes`` of every floating tensor an op returns,
     ``t.allocated`` storages created (shape, bytes), ``t.peak_bytes`` of storages alive at once
-    (created inside the block), ``t.products``."""
+    (created inside the block), ``t.products``; inside the fused loss's custom ops too."""
 
     shapes: list = field(default_factory=list)
     allocated: list = field(default_factory=list)  # (shape, bytes) of every new storage an op returned
@@ -47,6 +48,9 @@ class Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "opsdl":  # the loss's custom ops: watch what their implementation asks of torch
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
         if func.overloadpacket in PRODUCTS:
             a, b = (args[0], args[1]) if func.overloadpacket is torch.ops.aten.mm else (args[1], args[2])
