@@ -1,6 +1,6 @@
 """The fused losses under torch.compile: one graph and no break for every option (the loss is one
 custom op per call), compiled results and gradients equal to eager, a compiled model training with
-the loss; and what autograd says when it is asked for what the op does not do."""
+the loss."""
 from __future__ import annotations
 
 import pytest
@@ -147,11 +147,3 @@ def test_a_small_compiled_model_trains_with_the_loss_as_eager_does():
     eager, compiled = trajectories
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert eager[-1] < eager[0]
-
-
-@pytest.mark.parametrize("memory", ["fast", "lean"])
-def test_double_backward_is_refused_in_plain_words(memory):
-    inputs = make_inputs((6,), 16, 300, dtype=torch.float32, seed=85)
-    loss = fused_rkl_loss(**inputs, memory=memory)
-    with pytest.raises(RuntimeError, match="not itself differentiable: a double backward"):
-        torch.autograd.grad(loss, inputs["student_hidden"], create_graph=True)
