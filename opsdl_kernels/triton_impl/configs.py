@@ -1,5 +1,5 @@
 """Launch configurations: the fused forward's autotune lists per GPU generation (with the shared
-memory each must fit), and the row kernel's fixed launch.
+memory each must fit), and the row kernels' fixed launches.
 
 The fused forward keeps two fp32 accumulators of BLOCK_M x BLOCK_V in registers and streams
 BLOCK_K-wide slices of the hidden states and the weight through shared memory, ``num_stages`` deep.
@@ -7,10 +7,13 @@ BLOCK_K-wide slices of the hidden states and the weight through shared memory, `
 makes autotuning keep only the first config that fits (the GPU test mode sets it: one compile
 per kernel variant instead of several).
 
-The row kernel streams rows and needs no tuning to be memory-bound: one row per program,
-``ROW_BLOCK`` columns per step, ``ROW_WARPS`` warps (8 fp32 per thread per operand). Under the
-interpreter a program takes ``INTERPRETER_ROWS`` rows (it runs programs one by one in Python) and
-steps ``INTERPRETER_ROW_BLOCK`` columns, so the small test shapes take several steps per row.
+The row kernels stream rows and need no tuning to be memory-bound: one row per program,
+``ROW_WARPS`` warps. The state kernel keeps six per-lane vectors (max, sum, accumulator of each
+side) across its column loop: ``STATE_BLOCK`` = 1024 columns per step (4 fp32 per thread and
+operand) holds it to about 48 registers, five programs per SM (2048 columns: about 97, two). The
+gradient kernel keeps nothing across steps and takes ``GRAD_BLOCK`` = 2048 (8 per thread). Under
+the interpreter a program takes ``INTERPRETER_ROWS`` rows (it runs programs one by one in Python)
+and steps ``INTERPRETER_ROW_BLOCK`` columns, so the small test shapes take several steps per row.
 """
 from __future__ import annotations
 
@@ -116,11 +119,13 @@ def prune_for_device(table: dict[str, list[triton.Config]]):
     return prune
 
 
-ROW_ROWS, ROW_BLOCK, ROW_WARPS = 1, 2048, 8
+ROW_ROWS, ROW_WARPS = 1, 8
+STATE_BLOCK, GRAD_BLOCK = 1024, 2048
 INTERPRETER_ROW_BLOCK, INTERPRETER_ROWS = 128, 32
 
 
-def row_launch(width: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_V, num_warps) of the row kernel for rows of ``width`` columns."""
-    rows, block = (INTERPRETER_ROWS, INTERPRETER_ROW_BLOCK) if interpreting() else (ROW_ROWS, ROW_BLOCK)
+def row_launch(width: int, block: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) of a row kernel stepping ``block`` columns (``STATE_BLOCK`` or
+    ``GRAD_BLOCK``) over rows of ``width`` columns."""
+    rows, block = (INTERPRETER_ROWS, INTERPRETER_ROW_BLOCK) if interpreting() else (ROW_ROWS, block)
     return rows, min(block, max(16, triton.next_power_of_2(width))), ROW_WARPS

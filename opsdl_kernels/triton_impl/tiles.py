@@ -62,6 +62,19 @@ def cap_and_scale(z, inv_temperature, softcap):
 
 
 @triton.jit
+def exp_below(x, m):
+    """e^(x - m) for x <= m, and 0 where x = -inf, m = -inf included (never (-inf) - (-inf))."""
+    return tl.exp(x - tl.where(m == float("-inf"), 0.0, m))
+
+
+@triton.jit
+def weighted(w, x):
+    """w x, and 0 where the weight w is 0: a column of probability 0 adds nothing, whatever x holds
+    there (inf or NaN from -inf logits); a NaN weight stays NaN."""
+    return tl.where(w == 0.0, 0.0, w * x)
+
+
+@triton.jit
 def online_update(
     s, t, col_mask, is_y, m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y,
     TEACHER: tl.constexpr, ACC_REVERSE: tl.constexpr, ACC_FORWARD: tl.constexpr, TARGETS: tl.constexpr,

@@ -1,16 +1,18 @@
-"""Compile the Triton kernels for real GPUs (no GPU needed) and report each variant's shared memory.
+"""Compile the Triton kernels for real GPUs (no GPU needed) and report what each variant takes.
 
-Run without TRITON_INTERPRET: ``python -m tests.kernels.compile_for_gpu`` prints one JSON line per
-compiled (kernel, variant, generation, config): shared memory, ``bar.sync`` count in the PTX, and
-from the cubin (Triton's bundled cuobjdump) registers per thread, stack frame bytes and the number
-of local-memory loads/stores in the SASS (spills; 0 when everything lives in registers). The interpreter runs kernels as Python and cannot
+Run without TRITON_INTERPRET: ``python -m tests.kernels.compile_for_gpu [--kernels K,..] [--gens G,..]
+[--variants V,..]`` prints one JSON line per compiled (kernel, variant, generation, config): shared
+memory, ``bar.sync`` instructions in the PTX (all, and inside loops), and from the cubin (Triton's
+bundled cuobjdump) registers per thread, stack frame bytes and local-memory loads/stores in the SASS
+(spills: none when everything lives in registers). The interpreter runs kernels as Python and cannot
 catch what only the compiler checks (constexpr globals, types, shared memory, launch
-specialisation); this does. Two launch specialisations are imitated: an absent input passed as
-None becomes a constexpr None, and an integer argument equal to 1 becomes the constant 1 (the
-"ones" variants: every integer argument is 1, so no code may treat one as a tensor).
+specialisation, registers); this does. Two launch specialisations are imitated: an absent input
+passed as None becomes a constexpr None, and an integer argument equal to 1 becomes the constant 1
+(the "ones" variants: every integer argument is 1, so no code may treat one as a tensor).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -62,29 +64,37 @@ def _forward_variants():
 def _row_variants():
     import triton
 
-    from opsdl_kernels.triton_impl.configs import ROW_BLOCK, ROW_ROWS, ROW_WARPS
+    from opsdl_kernels.triton_impl.configs import GRAD_BLOCK, ROW_ROWS, ROW_WARPS, STATE_BLOCK
 
-    cfg = triton.Config({"BLOCK_R": ROW_ROWS, "BLOCK_V": ROW_BLOCK}, num_warps=ROW_WARPS, num_stages=1)
+    launch = {kernel: triton.Config({"BLOCK_R": ROW_ROWS, "BLOCK_V": block}, num_warps=ROW_WARPS, num_stages=1)
+              for kernel, block in (("row_state", STATE_BLOCK), ("row_grad", GRAD_BLOCK))}
     pointers = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "grad_ptr": "*bf16", "bias_ptr": "*bf16",
                 "teacher_bias_ptr": "*bf16", "targets_ptr": "*i64", "coef_ptr": "*fp32", "state_ptr": "*fp32"}
-    fast = dict(KIND=0, MIX_FORWARD=True, UPDATE=True)
-    variants = {
-        "fast_kl": fast,
-        "fast_sampled": {**fast, "KIND": 1, "MIX_FORWARD": False, "softcap": None},
-        "fast_logprob": {**fast, "KIND": 2, "MIX_FORWARD": False, "zt_ptr": None, "teacher_bias_ptr": None},
-        "lean_forward": {**fast, "grad_ptr": None, "coef_ptr": None},
-        "lean_backward_kl": {**fast, "UPDATE": False},
-        "lean_backward_sampled": {**fast, "KIND": 1, "MIX_FORWARD": False, "UPDATE": False, "zt_ptr": None,
-                                  "teacher_bias_ptr": None},
-        "no_optional_inputs": {**fast, "MIX_FORWARD": False, "bias_ptr": None, "teacher_bias_ptr": None,
-                               "targets_ptr": None, "coef_ptr": None, "softcap": None},
+    no_teacher = {"zt_ptr": None, "teacher_bias_ptr": None}
+    no_options = {"bias_ptr": None, "teacher_bias_ptr": None, "targets_ptr": None, "softcap": None}
+    state = {  # row_state: the KL mixing both directions, one direction (also the sampled estimator), log-probs
+        "kl_mixed": dict(MIX_FORWARD=True),
+        "teacher": dict(MIX_FORWARD=False),
+        "logprob": dict(MIX_FORWARD=False, **no_teacher),
+        "no_optional_inputs": dict(MIX_FORWARD=True, **no_options),
     }
+    grad = {  # row_grad: the teacher's logits are passed for the exact KL only
+        "kl_bf16": dict(KIND=0, MIX_FORWARD=True),
+        "sampled": dict(KIND=1, MIX_FORWARD=False, **no_teacher),
+        "logprob": dict(KIND=2, MIX_FORWARD=False, **no_teacher),
+        "no_optional_inputs": dict(KIND=0, MIX_FORWARD=True, coef_ptr=None, **no_options),
+    }
+    ones = {name: 1 for name in INTS}
     for gen in ARCH:
-        for name, flags in variants.items():
-            yield "rows", name, gen, cfg, flags, pointers
-        yield "rows", "ones", gen, cfg, {**fast, **{name: 1 for name in INTS}}, pointers
-        yield "rows", "fp32_grad", gen, cfg, fast, {**pointers, "grad_ptr": "*fp32"}
-        yield "rows", "odd_width", gen, cfg, fast, pointers  # V not a multiple of 16: unvectorised loads
+        for kernel, variants in (("row_state", state), ("row_grad", grad)):
+            cfg, first = launch[kernel], next(iter(variants.values()))
+            for name, flags in variants.items():
+                yield kernel, name, gen, cfg, flags, pointers
+            yield kernel, "ones", gen, cfg, {**first, **ones}, pointers
+            yield kernel, "odd_width", gen, cfg, first, pointers  # V not a multiple of 16: unvectorised loads
+        # fp32 inputs: an fp32 G over the logits, fp32 biases
+        fp32 = {**pointers, "grad_ptr": "*fp32", "bias_ptr": "*fp32", "teacher_bias_ptr": "*fp32"}
+        yield "row_grad", "kl_fp32", gen, launch["row_grad"], grad["kl_bf16"], fp32
 
 
 def resources(cubin: bytes) -> dict:
@@ -102,16 +112,28 @@ def resources(cubin: bytes) -> dict:
             "local_loads": len(re.findall(r"\bLDL\b", sass)), "local_stores": len(re.findall(r"\bSTL\b", sass))}
 
 
+def loop_barriers(ptx: str) -> int:
+    """``bar.sync`` instructions inside loops: between a label and a later branch back to it."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\$L__BB\w+):", line))}
+    inside = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            inside += sum("bar.sync" in body for body in lines[labels[m.group(1)]:i])
+    return inside
+
+
 def _compile(job) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from opsdl_kernels.triton_impl.forward import kl_forward_fn
-    from opsdl_kernels.triton_impl.rows import logit_rows_kernel
+    from opsdl_kernels.triton_impl.rows import row_grad_kernel, row_state_kernel
 
     kernel, variant, gen, cfg, flags, pointers = job
-    fn = kl_forward_fn if kernel == "forward" else logit_rows_kernel
+    fn = {"forward": kl_forward_fn, "row_state": row_state_kernel, "row_grad": row_grad_kernel}[kernel]
     # What a launch on contiguous, 16-byte-aligned tensors with H a multiple of 16 specialises:
     # unit strides become constants, pointers and the other strides/sizes carry divisibility 16.
     # Without these hints the loads cannot be vectorised and nothing is pipelined.
@@ -128,16 +150,25 @@ def _compile(job) -> dict:
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCH[gen], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    grad = pointers["grad_ptr"] if "grad_ptr" in fn.arg_names and "grad_ptr" not in flags else None
     return {"kernel": kernel, "variant": variant, "gen": gen, "config": cfg.kwargs, "num_stages": cfg.num_stages,
-            "shared": compiled.metadata.shared, "grad": pointers.get("grad_ptr") if "grad_ptr" not in flags else None,
-            "barriers": compiled.asm["ptx"].count("bar.sync"), **resources(compiled.asm["cubin"])}
+            "shared": compiled.metadata.shared, "grad": grad,
+            "barriers": compiled.asm["ptx"].count("bar.sync"), "loop_barriers": loop_barriers(compiled.asm["ptx"]),
+            **resources(compiled.asm["cubin"])}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", help="comma-separated: forward, row_state, row_grad (default all)")
+    parser.add_argument("--gens", help="comma-separated: " + ", ".join(ARCH) + " (default all)")
+    parser.add_argument("--variants", help="comma-separated variant names (default all)")
+    args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: this compiles for real GPUs", file=sys.stderr)
         return 2
-    jobs = [*_forward_variants(), *_row_variants()]
+    wanted = [None if x is None else set(x.split(",")) for x in (args.kernels, args.variants, args.gens)]
+    jobs = [job for job in (*_forward_variants(), *_row_variants())
+            if all(w is None or value in w for w, value in zip(wanted, job[:3]))]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for result in pool.map(_compile, jobs):
             print(json.dumps(result), flush=True)
@@ -145,4 +176,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

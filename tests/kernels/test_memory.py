@@ -46,7 +46,7 @@ def test_no_n_by_v_tensor(impl, memory, estimator, monkeypatch, record_property)
 
 
 class LaunchRecorder:
-    """Stands in for the row kernel on the meta device: records each launch's grid and width."""
+    """Stands in for a row kernel on the meta device: records each launch's grid and width."""
 
     def __init__(self):
         self.launches = []
@@ -72,7 +72,8 @@ def _grad_bytes(ops: Operands) -> int:
 @pytest.mark.parametrize("shape", [(8192, 4096, 128256), (16384, 3584, 152064)], ids=str)
 def test_fast_path_issues_four_products_per_chunk_at_gpu_shape(shape, monkeypatch, record_property):
     n, hidden, vocab = shape
-    monkeypatch.setattr(triton_rows, "logit_rows_kernel", LaunchRecorder())
+    monkeypatch.setattr(triton_rows, "row_state_kernel", LaunchRecorder())
+    monkeypatch.setattr(triton_rows, "row_grad_kernel", LaunchRecorder())
     ops = _meta_operands(n, hidden, vocab)
     chunk = fast_chunk_rows(n, vocab, True, DEFAULT_MEMORY_BUDGET)
     chunks = -(-n // chunk)
@@ -88,7 +89,7 @@ def test_fast_path_issues_four_products_per_chunk_at_gpu_shape(shape, monkeypatc
         rows = min(chunk, n - (i // 4) * chunk)
         assert p.flop == 2.0 * rows * vocab * hidden, p  # each a whole projection of the chunk
         assert p.out_dtype == (torch.float32 if i % 4 < 2 else torch.bfloat16), p  # fp32 logits
-    assert len(triton_rows.logit_rows_kernel.launches) == 2 * chunks  # state, then gradient
+    assert len(triton_rows.row_state_kernel.launches) == len(triton_rows.row_grad_kernel.launches) == chunks
     logits_mib = 2 * chunk * vocab * 4 / MiB
     assert logits_mib <= extra_mib <= logits_mib + 1 and extra_mib <= DEFAULT_MEMORY_BUDGET / MiB
 
@@ -99,7 +100,8 @@ def test_fast_path_issues_four_products_per_chunk_at_gpu_shape(shape, monkeypatc
 def test_lean_path_stays_within_256_mib_at_any_vocabulary(n, hidden, vocab, kind, products_per_slab, monkeypatch,
                                                           record_property):
     budget = 256 * MiB
-    monkeypatch.setattr(triton_rows, "logit_rows_kernel", LaunchRecorder())
+    monkeypatch.setattr(triton_rows, "row_state_kernel", LaunchRecorder())
+    monkeypatch.setattr(triton_rows, "row_grad_kernel", LaunchRecorder())
     ops = _meta_operands(n, hidden, vocab, kind)
     lean = lean_plan(n, hidden, vocab, True, budget)
     with Tracker() as tracker:
