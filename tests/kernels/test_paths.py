@@ -128,7 +128,7 @@ def test_fp16_under_a_loss_scale_takes_the_lean_path_by_default():
     inputs = make_inputs((4096,), 16, 64, dtype=torch.float16, seed=59)
     ref_loss, ref_grads = reference_kl(**inputs)
     loss = fused_rkl_loss(**inputs, impl="triton")
-    assert type(loss.grad_fn).__name__ != "GradientInForwardBackward"
+    assert not type(loss.grad_fn).__name__.startswith("GeneratedBackwardFor_opsdl_fused_rows")  # a reduction: lean
     (loss * 65536.0).backward()
     for got, want in zip(grads_of(inputs)[:2], ref_grads[:2]):
         assert rel_err(got, 65536.0 * want) < 1e-3
