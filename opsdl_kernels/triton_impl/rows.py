@@ -15,7 +15,6 @@ deterministic. -inf logits (a -inf bias entry) are columns of probability 0 and 
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import triton
@@ -23,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..state import P, LossSpec
-from .configs import GRAD_BLOCK, STATE_BLOCK, on_device, row_launch
+from .configs import GRAD_BLOCK, STATE_BLOCK, on_device, row_launch, unspecialised
 from .tiles import cap_and_scale, exp_below, weighted
 
 M_S, L_S, M_T, L_T, ACC_R, ACC_F, S_Y, T_Y, LSE_S, LSE_T, KL_R, KL_F, LOGP_Y, LOGQ_Y = (
@@ -77,13 +76,7 @@ def _merge(m1, l1, a1, m2, l2, a2):
 # scalars or select a branch, so a specialisation would only add compiles (the GPU test run counts
 # them). Widths, strides and the logits/gradient/bias pointers stay specialised: their divisibility
 # is what lets the row loads and stores vectorise.
-def _jit_options(generic: list[str], generic_pointers: list[str]) -> dict:
-    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
-        return {"do_not_specialize": generic, "do_not_specialize_on_alignment": generic + generic_pointers}
-    return {"do_not_specialize": generic + generic_pointers}
-
-
-@triton.jit(**_jit_options(["n_rows", "v0", "state_stride", "first", "last"], ["state_ptr", "targets_ptr"]))
+@triton.jit(**unspecialised(["n_rows", "v0", "state_stride", "first", "last"], ["state_ptr", "targets_ptr"]))
 def row_state_kernel(
     zs_ptr, zt_ptr, bias_ptr, teacher_bias_ptr, targets_ptr, state_ptr,
     n_rows, width, v0, state_stride, zs_stride, zt_stride, first, last, inv_temperature, softcap,
@@ -188,7 +181,7 @@ def row_state_kernel(
             tl.store(st + T_Y * state_stride, t_y, mask=row_mask)
 
 
-@triton.jit(**_jit_options(["n_rows", "v0", "state_stride"], ["state_ptr", "targets_ptr", "coef_ptr"]))
+@triton.jit(**unspecialised(["n_rows", "v0", "state_stride"], ["state_ptr", "targets_ptr", "coef_ptr"]))
 def row_grad_kernel(
     zs_ptr, zt_ptr, grad_ptr, bias_ptr, teacher_bias_ptr, targets_ptr, coef_ptr, state_ptr,
     n_rows, width, v0, state_stride, zs_stride, zt_stride, grad_stride, inv_temperature, softcap, reverse_weight,

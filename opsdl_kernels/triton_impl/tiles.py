@@ -9,18 +9,21 @@ def project_tile(
     stride_xn, stride_xk, stride_wv, stride_wk,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """acc[m, v] = sum_k x[rows[m], k] * w[cols[v], k] in fp32; ``rows``/``cols`` are int64."""
+    """acc[m, v] = sum_k x[rows[m], k] * w[cols[v], k] in fp32; ``rows``/``cols`` are int64.
+
+    The K offsets are recomputed each step from the row and column bases rather than carried as
+    tiles of pointers through the loop (a carried pointer per element costs registers the fused
+    forward's accumulators need)."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk
+    x_rows = x_ptr + rows[:, None] * stride_xn
+    w_cols = w_ptr + cols[None, :] * stride_wv
     for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + ks) < K
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        k = k0 + ks
+        k_mask = k < K
+        x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
     return acc
 
 
@@ -34,19 +37,18 @@ def project_pair_tile(
     acc_x = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk
-    y_ptrs = y_ptr + rows[:, None] * stride_yn + ks[None, :] * stride_yk
-    w_ptrs = w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk
+    x_rows = x_ptr + rows[:, None] * stride_xn
+    y_rows = y_ptr + rows[:, None] * stride_yn
+    w_cols = w_ptr + cols[None, :] * stride_wv
     for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + ks) < K
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        k = k0 + ks
+        k_mask = k < K
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        x = tl.load(x_rows + k[None, :] * stride_xk, mask=x_mask, other=0.0)
         acc_x = tl.dot(x, w, acc_x, input_precision=DOT_PRECISION)
-        y = tl.load(y_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        y = tl.load(y_rows + k[None, :] * stride_yk, mask=x_mask, other=0.0)
         acc_y = tl.dot(y, w, acc_y, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        y_ptrs += BLOCK_K * stride_yk
-        w_ptrs += BLOCK_K * stride_wk
     return acc_x, acc_y
 
 
@@ -80,8 +82,9 @@ def online_update(
     TEACHER: tl.constexpr, ACC_REVERSE: tl.constexpr, ACC_FORWARD: tl.constexpr, TARGETS: tl.constexpr,
 ):
     """Merge a (rows, columns) tile of logits s (and t, with TEACHER) into the per-row online state
-    of ``opsdl_kernels.state``; columns outside ``col_mask`` count for nothing, and ``is_y`` marks
-    each row's target column (TARGETS). With m the running max, per row:
+    of ``opsdl_kernels.state``; columns outside ``col_mask`` and -inf logits count for nothing
+    (never (-inf) - (-inf) or 0 * inf), and ``is_y`` marks each row's target column (TARGETS).
+    With m the running max, per row:
         l <- l e^(m_old - m) + sum_v e^(x_v - m)                          (x = s, t)
         acc_r <- acc_r e^(m_s,old - m_s) + sum_v e^(s_v - m_s) (s_v - t_v)  (ACC_REVERSE)
         acc_f <- acc_f e^(m_t,old - m_t) + sum_v e^(t_v - m_t) (t_v - s_v)  (ACC_FORWARD)
@@ -92,14 +95,14 @@ def online_update(
     if TEACHER:
         if TARGETS:
             t_y += tl.sum(tl.where(is_y, t, 0.0), axis=1)
-        diff = s - t  # finite on padded columns too; their weights e_s, e_t below are 0
+        diff = s - t  # NaN where both are -inf, where the weights e_s, e_t below are 0
         m_t, alpha_t, e_t, l_t = _softmax_step(t, col_mask, m_t, l_t)
         if ACC_FORWARD:
-            acc_f = acc_f * alpha_t - tl.sum(e_t * diff, axis=1)
+            acc_f = acc_f * alpha_t - tl.sum(weighted(e_t, diff), axis=1)
     m_s, alpha_s, e_s, l_s = _softmax_step(s, col_mask, m_s, l_s)
     if TEACHER:
         if ACC_REVERSE:
-            acc_r = acc_r * alpha_s + tl.sum(e_s * diff, axis=1)
+            acc_r = acc_r * alpha_s + tl.sum(weighted(e_s, diff), axis=1)
     return m_s, l_s, m_t, l_t, acc_r, acc_f, s_y, t_y
 
 
@@ -109,6 +112,6 @@ def _softmax_step(x, col_mask, m, l):
     that rescales sums kept under the old one, the tile's exponentials, the new sum."""
     x = tl.where(col_mask[None, :], x, float("-inf"))
     m_new = tl.maximum(m, tl.max(x, axis=1))
-    alpha = tl.exp(m - m_new)
-    e = tl.exp(x - m_new[:, None])
+    alpha = exp_below(m, m_new)
+    e = exp_below(x, m_new[:, None])
     return m_new, alpha, e, l * alpha + tl.sum(e, axis=1)

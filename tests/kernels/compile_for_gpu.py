@@ -22,8 +22,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 ARCH = {"hopper": 90, "ampere": 80, "ampere_small": 86}
-INTS = {"N", "V", "H", "HT", "split_size", "plane_stride", "n_rows", "width", "v0", "state_stride", "zs_stride",
-        "zt_stride", "grad_stride", "first", "last"}
+INTS = {"N", "V", "H", "HT", "split_size", "plane_stride", "n_bucket", "n_rows", "width", "v0", "state_stride",
+        "zs_stride", "zt_stride", "grad_stride", "first", "last"}
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
@@ -143,7 +143,8 @@ def _compile(job) -> dict:
     # Real vocabularies (32000, 49152, 128256, 151936, 152064, 256000) and our slabs are multiples of
     # 16 columns, so a launch marks the row kernel's width divisible by 16 and its loads vectorise.
     # What the kernel declares it never specialises on (rows.py), a launch never assumes.
-    plain = ({"N", "V", "n_rows", "v0", "first", "last", "state_stride", "state_ptr", "targets_ptr", "coef_ptr"}
+    plain = ({"N", "V", "n_bucket", "n_rows", "v0", "first", "last", "state_stride", "state_ptr", "targets_ptr",
+              "coef_ptr"}
              | ({"width"} if variant == "odd_width" else set()))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if (signature[name].startswith("*") or signature[name] in ("i32", "i64")) and name not in plain}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-from opsdl_kernels import fused_rkl_loss, fused_token_logprobs, torch_impl
+from opsdl_kernels import fused_kl_loss, fused_rkl_loss, fused_token_logprobs, torch_impl
 from opsdl_kernels import triton_impl
 from opsdl_kernels.schedule import Operands
 from opsdl_kernels.state import P, LossSpec
@@ -64,7 +64,8 @@ def test_autotuning_leaves_the_first_call_right(monkeypatch):
     """The fused forward's autotuner really tries two configs on the first call (as on a GPU, where
     benchmarking runs the kernel several times on the call's own buffers); the first call's result
     must equal the second's, untuned, and the float64 reference. (An autotuner that zeroed a buffer
-    it shared with an input once returned zero gradients on every first call.)"""
+    it shared with an input once returned zero gradients on every first call.) N is in the key by
+    its power-of-two bucket: 6 rows reuse the config tuned at 7, 20 rows are tuned anew."""
     configs = [triton.Config({"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1),
                triton.Config({"BLOCK_M": 32, "BLOCK_V": 64, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     tuner = forward.autotuned(configs, do_bench=_cpu_bench)(forward.kl_forward_fn)
@@ -77,6 +78,12 @@ def test_autotuning_leaves_the_first_call_right(monkeypatch):
         second = fused_rkl_loss(**inputs, impl="triton", reduction="none")
     assert torch.equal(first, second)
     assert rel_err(first.mean(), ref_loss) < 1e-5
+    for rows, tuned in ((6, 1), (20, 2)):
+        inputs = make_inputs((rows,), 16, 300, dtype=torch.float32, seed=34 + rows, bias=True)
+        with torch.no_grad():
+            loss = fused_rkl_loss(**inputs, impl="triton")
+        assert len(tuner.cache) == tuned, (rows, list(tuner.cache))
+        assert rel_err(loss, reference_kl(**inputs)[0]) < 1e-5
 
 
 @pytest.mark.parametrize("table", [FORWARD_CONFIGS])
@@ -153,3 +160,69 @@ def test_autotune_pruning_on_a_gpu_and_pinning(pin, monkeypatch):
         fitting = [c for c in FORWARD_CONFIGS[gen]
                    if shared_memory_bytes(c, torch.empty(0, dtype=element).element_size()) <= SHARED_MEMORY_LIMIT[gen]]
         assert kept == ((fitting[:1] if pin == "1" else fitting) or [FALLBACK_CONFIG]), (gen, kept)
+
+
+def _without_column(inputs: dict, col: int) -> dict:
+    """The same distributions with vocabulary column ``col`` removed (what a -inf logit there means),
+    targets renumbered past it."""
+    keep = [v for v in range(inputs["weight"].shape[0]) if v != col]
+    out = dict(inputs, weight=inputs["weight"].detach()[keep], bias=inputs["bias"].detach()[keep],
+               teacher_bias=inputs["teacher_bias"][keep])
+    out["targets"] = inputs["targets"] - (inputs["targets"] > col).long()
+    return out
+
+
+def _with_zero_row(grad: torch.Tensor, col: int) -> torch.Tensor:
+    return torch.cat([grad[:col], torch.zeros_like(grad[:1]), grad[col:]])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+@pytest.mark.parametrize("memory", ["fast", "lean", "no_grad"])
+def test_minus_inf_logits_count_for_nothing(memory, estimator, impl):
+    """A -inf bias entry (and a -inf teacher bias at the same column): that column has probability 0
+    under both, so everything equals the float64 reference without it (which NaNs with it: 0 * inf);
+    its weight and bias gradients are 0. Both KL directions are mixed, so both accumulators see it."""
+    col = 5
+    inputs = make_inputs((9,), 16, 300, dtype=torch.float32, seed=36, bias=True, teacher_bias=True)
+    inputs["targets"] = torch.where(inputs["targets"] == col, col + 1, inputs["targets"])
+    with torch.no_grad():
+        inputs["bias"][col] = float("-inf")
+        inputs["teacher_bias"][col] = float("-inf")
+    options = dict(estimator=estimator, temperature=0.9, reverse_weight=0.7 if estimator == "full" else 1.0)
+    ref_loss, ref_grads = reference_kl(**_without_column(inputs, col), **options)
+    if memory == "no_grad":
+        with torch.no_grad():
+            loss = fused_kl_loss(**inputs, **options, impl=impl)
+        assert torch.isfinite(loss) and rel_err(loss, ref_loss) < 2e-5
+        return
+    loss = fused_kl_loss(**inputs, **options, impl=impl, memory=memory)
+    loss.backward()
+    assert torch.isfinite(loss) and rel_err(loss, ref_loss) < 2e-5
+    dh, dw, db = inputs["student_hidden"].grad, inputs["weight"].grad, inputs["bias"].grad
+    assert torch.isfinite(dh).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+    assert rel_err(dh, ref_grads[0]) < 2e-5
+    assert rel_err(dw, _with_zero_row(ref_grads[1], col)) < 2e-5
+    assert rel_err(db, _with_zero_row(ref_grads[2], col)) < 2e-5
+
+
+@pytest.mark.parametrize("kind", ["kl", "logprob"])
+def test_no_grad_forward_fused_or_slabs_give_the_same_state(kind, monkeypatch):
+    """OPSDL_NO_GRAD_FORWARD picks the fused kernel (default) or the lean path's slab loop of
+    products and row state kernel; both finish the same state. Any other value is refused by name."""
+    inputs = make_inputs((6,), 16, 700, dtype=torch.float32, seed=37, bias=True, teacher_bias=True)
+    spec = LossSpec(kind, temperature=0.8, reverse_weight=0.6 if kind == "kl" else 1.0)
+    ops = _operands(inputs, spec)
+    if kind == "logprob":
+        ops = Operands(spec, ops.h, None, ops.weight, None, ops.bias, None, ops.targets)
+    monkeypatch.delenv(forward.NO_GRAD_FORWARD, raising=False)
+    fused = triton_impl.forward_state(ops, budget=1 << 20)
+    monkeypatch.setenv(forward.NO_GRAD_FORWARD, "slabs")
+    slabs = triton_impl.forward_state(ops, budget=0)  # the smallest plan: slabs of 256 columns, 3 per row
+    finals = ["lse_s", "logp_y"] + (["lse_t", "logq_y", "kl_r", "kl_f"] if kind == "kl" else [])
+    for name in finals:  # two fp32 summation orders
+        assert rel_err(slabs[P[name]], fused[P[name]]) < 1e-5, name
+    monkeypatch.setenv(forward.NO_GRAD_FORWARD, "cublas")
+    with pytest.raises(ValueError, match="OPSDL_NO_GRAD_FORWARD must be one of 'fused', 'slabs', got 'cublas'"):
+        with torch.no_grad():
+            fused_rkl_loss(**inputs, impl="triton")
