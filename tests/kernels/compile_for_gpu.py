@@ -116,12 +116,12 @@ def loop_barriers(ptx: str) -> int:
     """``bar.sync`` instructions inside loops: between a label and a later branch back to it."""
     lines = ptx.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\$L__BB\w+):", line))}
-    inside = 0
+    inside = set()
     for i, line in enumerate(lines):
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);", line)
         if m and labels.get(m.group(1), i) < i:
-            inside += sum("bar.sync" in body for body in lines[labels[m.group(1)]:i])
-    return inside
+            inside.update(j for j in range(labels[m.group(1)], i) if "bar.sync" in lines[j])
+    return len(inside)
 
 
 def _compile(job) -> dict:
