@@ -43,7 +43,7 @@ def _signature(fn, pointers: dict, constexprs: dict) -> dict:
 
 
 def _forward_variants():
-    from opsdl_kernels.triton_impl.configs import FORWARD_CONFIGS
+    from opsdl_kernels.triton_impl.configs import FALLBACK_CONFIG, FORWARD_CONFIGS
 
     pointers = {k: "*bf16" for k in ("h_ptr", "g_ptr", "w_ptr", "u_ptr", "b_ptr", "c_ptr")}
     pointers["y_ptr"] = "*i64"
@@ -51,6 +51,7 @@ def _forward_variants():
     for gen, configs in FORWARD_CONFIGS.items():
         for cfg in configs:  # every config in its worst case: a separate teacher weight, every input
             yield "forward", "separate_teacher", gen, cfg, every, pointers
+    yield "forward", "fallback", "ampere_small", FALLBACK_CONFIG, every, pointers
     first = FORWARD_CONFIGS["hopper"][0]
     yield "forward", "shared_weight", "hopper", first, {**every, "SHARED_WEIGHT": True, "u_ptr": None}, pointers
     yield "forward", "logprobs", "hopper", first, {**every, "ACC_REVERSE": False, "ACC_FORWARD": False, "g_ptr": None,
