@@ -100,7 +100,12 @@ def _target_grad_(out: Tensor, zs: Tensor, bias: Tensor, lse_s: Tensor, col: Ten
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=True)
+    """``fn`` compiled for every shape. The vector width is named in the options although it is the
+    one inductor would pick: its on-disk cache (torch 2.13) does not key on the CPU's instruction
+    set, and code made for AVX2 (8 lanes) loaded under AVX-512 (16) wrote past its buffers."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return torch.compile(fn, dynamic=True, options={"cpp.simdlen": pick_vec_isa().bit_width()})
 
 
 def _run(fn: Callable, block: Tensor, *args):

@@ -173,7 +173,7 @@ def test_teacher_minus_inf_where_the_student_has_mass_is_an_infinite_kl(memory):
 AVX2_CHECK = textwrap.dedent("""
     import torch
     from opsdl_kernels import fused_rkl_loss, matmul
-    from tests.kernels.inputs import grads_of, make_inputs, clear_grads
+    from tests.kernels.inputs import clear_grads, grads_of, make_inputs
     from tests.kernels.reference import reference_kl, rel_err
     print(torch.backends.cpu.get_cpu_capability(), matmul.native_16bit_products(torch.bfloat16))
     inputs = make_inputs((40,), 32, 700, dtype=torch.bfloat16, seed=75, bias=True)
@@ -191,9 +191,22 @@ def test_imitated_avx2_cpu_has_no_16bit_products_and_gets_right_gradients():
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", AVX2_CHECK], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.split("\n")
     print(result.stdout)
+    lines = result.stdout.splitlines()
     assert lines[0] in ("AVX2 False", "DEFAULT False")
     for line in lines[1:3]:
         memory, loss_error, grad_error = line.split()
         assert float(loss_error) < 1e-5 and float(grad_error) < 2e-2, line
+
+
+def test_compiled_code_is_cached_per_vector_width(monkeypatch):
+    """torch 2.13's inductor cache does not key on the instruction set: code made under
+    ATEN_CPU_CAPABILITY=avx2 (8 lanes) and loaded under AVX-512 wrote past its buffers (a heap
+    corruption, seen), and the reverse computed half the lanes. The width is named in the options,
+    which the cache key includes."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    torch_impl._compiled.__wrapped__(torch_impl._student_stats)
+    assert seen == [dict(dynamic=True, options={"cpp.simdlen": pick_vec_isa().bit_width()})]
