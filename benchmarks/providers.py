@@ -70,19 +70,27 @@ PROVIDERS = {
                  lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, impl="triton", memory="lean",
                                            memory_budget=LEAN_BUDGET),
                  ("cuda",)),
-        # the same paths with the row math in eager PyTorch (the CPU implementation)
+        # the same paths with the row math in PyTorch (the CPU implementation: compiled for large blocks on the CPU)
         Provider("opsdl_torch", lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, impl="torch"),
                  ("cpu", "cuda")),
+        Provider("opsdl_torch_lean",
+                 lambda pb: fused_rkl_loss(pb.student, pb.teacher, pb.weight, impl="torch", memory="lean",
+                                           memory_budget=LEAN_BUDGET),
+                 ("cpu",)),
         Provider("naive", lambda pb: naive_reverse_kl(pb.student, pb.teacher, pb.weight), ("cpu", "cuda")),
         # torch.compile on the CPU spends minutes in its C++ compiler per shape: GPU only.
         Provider("naive_compile", lambda pb: _compiled_naive()(pb.student, pb.teacher, pb.weight), ("cuda",)),
         Provider("liger_fused_linear_jsd",
                  lambda pb: _liger_triton()(pb.student, pb.weight, pb.teacher, pb.weight.detach(), None),
                  ("cuda",), requires="liger_kernel"),
-        # Liger's chunked path is plain PyTorch; on the CPU without its torch.compile.
+        # Liger's chunked path is plain PyTorch; on the CPU without its torch.compile here, and with it
+        # below (its default; a chunk compiles in seconds with gcc)
         Provider("liger_jsd_loss_chunked",
                  lambda pb: _liger_chunked(pb.student.is_cuda)(pb.student, pb.weight, pb.teacher,
                                                                pb.weight.detach(), pb.targets),
                  ("cpu", "cuda"), requires="liger_kernel"),
+        Provider("liger_jsd_loss_chunked_compiled",
+                 lambda pb: _liger_chunked(True)(pb.student, pb.weight, pb.teacher, pb.weight.detach(), pb.targets),
+                 ("cpu",), requires="liger_kernel"),
     ]
 }
