@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from .model import LMHead, lm_head
 from .options import TrainConfig
-from .train import distillation_loss, packed_rows, sft_loss
+from .objective import distillation_loss, packed_rows, sft_loss
 
 
 @dataclass

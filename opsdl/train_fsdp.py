@@ -34,8 +34,9 @@ from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_chec
 from .model import check_model_source, enable_checkpointing, lm_head, load_model
 from .options import TrainConfig, check_train_options
 from .rollout import sample, stop_ids, turn_end_id
-from .train import (StepStats, checkpoint_due, draw_prompts, gold_answer_ids, interrupted, learning_rate,
-                    load_teacher_model, prepare_prompts, step_record, summarize, synthetic_examples)
+from .objective import gold_answer_ids, load_teacher_model, update_ema
+from .steps import (StepStats, checkpoint_due, draw_prompts, interrupted, learning_rate, prepare_prompts, step_record,
+                    summarize, synthetic_examples)
 
 __all__ = ["train_fsdp"]
 
@@ -163,9 +164,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                with torch.no_grad():
-                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
-                        p_ema.lerp_(p, 1.0 - cfg.ema_decay)
+                update_ema(ema, policy, cfg.ema_decay)
 
             # the step's sums over all ranks; the rollout time is the slowest rank's
             summed = StepStats(*all_reduce(list(dataclasses.astuple(stats)), ranks))

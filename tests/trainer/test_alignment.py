@@ -5,7 +5,7 @@ import torch
 
 from opsdl.model import lm_head, packed_hidden_states
 from opsdl.packing import own_attention, pack
-from opsdl.train import packed_rows, response_rows
+from opsdl.objective import packed_rows, response_rows
 from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
 
 

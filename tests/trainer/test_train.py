@@ -93,7 +93,7 @@ def test_smollm2_trains_one_step(tmp_path):
 def test_one_fused_call_per_micro_batch_on_the_fast_path(tmp_path, monkeypatch, estimator):
     """The loss and the logged log-ratio come from one call, whose gradient was formed in the forward
     (the fast path): no second full forward just to log the single-sample estimate."""
-    import opsdl.train as loop
+    import opsdl.objective as objective
 
     calls = []
 
@@ -102,8 +102,8 @@ def test_one_fused_call_per_micro_batch_on_the_fast_path(tmp_path, monkeypatch, 
         calls.append((type(loss.grad_fn).__name__, log_ratio.shape, kwargs["targets"].shape))
         return loss, log_ratio
 
-    loop_fused = loop.fused_rkl_loss
-    monkeypatch.setattr(loop, "fused_rkl_loss", spy)
+    loop_fused = objective.fused_rkl_loss
+    monkeypatch.setattr(objective, "fused_rkl_loss", spy)
     train(TrainConfig(**TINY, steps=2, grad_accum=2, estimator=estimator, out=str(tmp_path)))
     assert len(calls) == 4
     # the fast path's loss is the custom op's own output (the lean path's is a reduction of its values)
@@ -119,6 +119,7 @@ def test_one_fused_call_per_micro_batch_on_the_fast_path(tmp_path, monkeypatch, 
 def test_the_teacher_scores_with_its_own_head(tmp_path, monkeypatch, teacher):
     """The logits the loss sees for the teacher, on a fixed input: unchanged bit for bit over the
     steps with a frozen teacher; with a live one they follow the student as it trains."""
+    import opsdl.objective as objective
     import opsdl.train as loop
     from opsdl.model import packed_hidden_states
     from opsdl.packing import pack
@@ -129,7 +130,7 @@ def test_the_teacher_scores_with_its_own_head(tmp_path, monkeypatch, teacher):
         head = initial.get_output_embeddings()
         expected_first = packed_hidden_states(initial, fixed) @ head.weight.t()
     seen, hidden = [], []
-    real_rows, real_loss = loop.packed_rows, loop.fused_rkl_loss
+    real_rows, real_loss = loop.packed_rows, objective.fused_rkl_loss
 
     def rows_spy(model, *args):
         if not torch.is_grad_enabled():  # the teacher's pass
@@ -144,7 +145,7 @@ def test_the_teacher_scores_with_its_own_head(tmp_path, monkeypatch, teacher):
         return real_loss(student, teacher_rows, weight, teacher_weight, **kwargs)
 
     monkeypatch.setattr(loop, "packed_rows", rows_spy)
-    monkeypatch.setattr(loop, "fused_rkl_loss", loss_spy)
+    monkeypatch.setattr(objective, "fused_rkl_loss", loss_spy)
     train(TrainConfig(**TINY, steps=4, teacher=teacher, out=str(tmp_path)))
     assert len(seen) == 4 and torch.equal(seen[0], expected_first)
     if teacher == "frozen":
@@ -156,7 +157,7 @@ def test_the_teacher_scores_with_its_own_head(tmp_path, monkeypatch, teacher):
 def test_learning_rate_schedules_follow_the_hugging_face_shapes(tmp_path):
     import math
 
-    from opsdl.train import learning_rate
+    from opsdl.steps import learning_rate
 
     def rates(**kw):
         cfg = TrainConfig(lr=1.0, steps=10, **kw)
@@ -202,20 +203,20 @@ def test_resume_without_a_checkpoint_starts_over_with_a_clean_log(tmp_path):
 
 
 def test_a_separate_teacher_model_scores_with_its_own_weights(tmp_path, monkeypatch):
-    import opsdl.train as loop
+    import opsdl.objective as objective
 
     teacher_dir = tmp_path / "teacher"
     bigger, tokenizer = load_model("tiny:llama", seed=7)
     bigger.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
     seen = []
-    real = loop.fused_rkl_loss
+    real = objective.fused_rkl_loss
 
     def spy(student, teacher_rows, weight, teacher_weight=None, **kwargs):
         seen.append(teacher_weight.detach().clone())
         return real(student, teacher_rows, weight, teacher_weight, **kwargs)
 
-    monkeypatch.setattr(loop, "fused_rkl_loss", spy)
+    monkeypatch.setattr(objective, "fused_rkl_loss", spy)
     train(TrainConfig(**TINY, steps=2, teacher_model=str(teacher_dir), out=str(tmp_path / "run")))
     assert len(seen) == 2 and all(torch.equal(w, bigger.lm_head.weight) for w in seen)
     other = tmp_path / "other-vocab"
@@ -230,16 +231,16 @@ def test_a_separate_teacher_model_scores_with_its_own_weights(tmp_path, monkeypa
 
 
 def test_bfloat16_weights_teacher_and_optimizer_state(tmp_path, monkeypatch):
-    import opsdl.train as loop
+    import opsdl.objective as objective
 
     dtypes = []
-    real = loop.fused_rkl_loss
+    real = objective.fused_rkl_loss
 
     def spy(student, teacher_rows, weight, teacher_weight=None, **kwargs):
         dtypes.append((student.dtype, teacher_rows.dtype, weight.dtype, teacher_weight.dtype))
         return real(student, teacher_rows, weight, teacher_weight, **kwargs)
 
-    monkeypatch.setattr(loop, "fused_rkl_loss", spy)
+    monkeypatch.setattr(objective, "fused_rkl_loss", spy)
     train(TrainConfig(**TINY, steps=2, dtype="bfloat16", teacher="ema", out=str(tmp_path)))
     assert dtypes == [(torch.bfloat16,) * 4] * 2
     checkpoint = tmp_path / "checkpoint-000002"
