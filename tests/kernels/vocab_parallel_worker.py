@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+# Imported before the process group exists, on purpose: see ``destroy_group``.
+import torch.distributed.nn  # noqa: F401
+from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -193,7 +196,41 @@ def main(out: str) -> None:
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"vocab": VOCAB, "hidden": HIDDEN, "ranks": gathered}))
+    destroy_group()
+
+
+def destroy_group() -> None:
+    """destroy_process_group(), which frees the group (joining its gloo threads) only if nothing
+    else holds it, and a check that it did.
+
+    A group that outlives it keeps its gloo threads into the interpreter's finalization, and a
+    thread still releasing the tensors of the last collective then (the main thread returned as
+    soon as the collective completed) needs the GIL; Python ends such a thread by unwinding it
+    through a noexcept destructor: SIGABRT, "terminate called without an active exception", on a
+    rank chosen by chance. In torch 2.13 two things hold the group past this point: the functions
+    of torch.distributed.nn.functional, whose ``group=group.WORLD`` defaults are evaluated at import
+    (the Tracker's first __torch_dispatch__ imports torch._dynamo, which imports it; imported at the
+    top of this file, before the group exists, they hold None), and DTensor's sharding-propagation
+    caches, which keep every DeviceMesh seen and through it the group (cleared here)."""
+    _clear_sharding_prop_cache()
     dist.destroy_process_group()
+    left = gloo_threads()
+    if left:
+        raise RuntimeError(f"gloo threads {left} outlived destroy_process_group(): something still holds the "
+                           "process group, and this process would exit racing them")
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that gloo started (read from /proc; none elsewhere)."""
+    names = []
+    for task in Path("/proc/self/task").glob("*/comm"):
+        try:
+            name = task.read_text().strip()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
 
 
 if __name__ == "__main__":
