@@ -92,31 +92,35 @@ def train(cfg: TrainConfig) -> dict:
             picker = random.Random(f"{cfg.seed}:{step}")
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             stats = StepStats()
+
+            # 1. the step's responses, every micro-batch's before any backward (the same weights):
+            #    the gold answers (sft) or on-policy rollouts under the long context
+            micro_batches = []
             for _ in range(cfg.grad_accum):
                 batch = draw_prompts(items, picker, cfg.batch_size)
-
                 if cfg.objective == "sft":
-                    # baseline: cross-entropy on the gold answers under the long context, no teacher
-                    owners = batch
-                    responses = [gold_answer_ids(tokenizer, o.example, turn_end) for o in owners]
-                    targets = torch.tensor([t for r in responses for t in r], device=device)
-                    with autocast:
-                        student_rows = packed_rows(model, [o.student for o in owners], responses, device)
-                    loss = sft_loss(cfg, head, student_rows, targets, compute_dtype)
-                    log_ratio = torch.zeros(len(targets))
-                    (loss / cfg.grad_accum).backward()
-                    tokens = sum(len(o.student) + len(r) for o, r in zip(owners, responses))
+                    owners, responses = batch, [gold_answer_ids(tokenizer, o.example, turn_end) for o in batch]
                 else:
-                    # 1. on-policy rollouts under the long context
                     rollout_started = time.perf_counter()
                     rollouts = sample(model, tokenizer, [b.student for b in batch], temperature=cfg.temperature,
                                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                       samples_per_prompt=cfg.samples_per_prompt)
                     stats.rollout_seconds += time.perf_counter() - rollout_started
-                    responses = [r.tokens for r in rollouts]
-                    owners = [batch[r.prompt_index] for r in rollouts]
-                    targets = torch.tensor([t for r in responses for t in r], device=device)
+                    owners, responses = [batch[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts]
+                micro_batches.append((owners, responses))
+            # the loss is the mean over the step's response tokens, whatever the micro-batch holding them
+            step_rows = sum(len(r) for _, responses in micro_batches for r in responses)
 
+            for owners, responses in micro_batches:
+                targets = torch.tensor([t for r in responses for t in r], device=device)
+                if cfg.objective == "sft":
+                    # baseline: cross-entropy on the gold answers under the long context, no teacher
+                    with autocast:
+                        student_rows = packed_rows(model, [o.student for o in owners], responses, device)
+                    loss_sum = sft_loss(cfg, head, student_rows, targets, compute_dtype, reduction="sum")
+                    log_ratio = torch.zeros(len(targets))
+                    tokens = sum(len(o.student) + len(r) for o, r in zip(owners, responses))
+                else:
                     # 2. teacher: [short-context prompt ; y], no gradient
                     with torch.no_grad(), autocast:
                         teacher_rows = packed_rows(teacher.model, [o.teacher for o in owners], responses, device)
@@ -125,17 +129,16 @@ def train(cfg: TrainConfig) -> dict:
                     with autocast:
                         student_rows = packed_rows(model, [o.student for o in owners], responses, device)
 
-                    # 4. per-token reverse KL at the response rows, the teacher with its own head; mean
-                    #    over this micro-batch's tokens
-                    loss, log_ratio = distillation_loss(cfg, head, teacher.head, student_rows, teacher_rows, targets,
-                                                        compute_dtype)
-                    (loss / cfg.grad_accum).backward()
+                    # 4. per-token reverse KL at the response rows, the teacher with its own head
+                    loss_sum, log_ratio = distillation_loss(cfg, head, teacher.head, student_rows, teacher_rows,
+                                                            targets, compute_dtype, reduction="sum")
                     tokens = sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
+                (loss_sum / step_rows).backward()
 
                 # the drift signal: do the model's own answers hold the expected ones?
                 found = [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
                          for o, r in zip(owners, responses)] if cfg.objective == "opsdl" else []
-                stats.add(float(loss.detach()) * len(targets), float(log_ratio.sum()), responses, tokens, found)
+                stats.add(float(loss_sum.detach()), float(log_ratio.sum()), responses, tokens, found)
 
             # 5. AdamW step at the scheduled rate, with clipping
             lr = learning_rate(cfg, step)

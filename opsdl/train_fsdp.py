@@ -111,11 +111,13 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
             picker = random.Random(f"{cfg.seed}:{step}")
             torch.manual_seed(sampling_seed(cfg.seed, step, ranks.rank))
             stats = StepStats()
+
+            # 1. the step's responses, every micro-batch's before any backward: the gold answers (sft)
+            #    or on-policy rollouts under the long context
+            micro_batches = []
             for _ in range(cfg.grad_accum):
                 everyone = draw_prompts(items, picker, cfg.batch_size * ranks.world)
                 batch = everyone[ranks.rank * cfg.batch_size:(ranks.rank + 1) * cfg.batch_size]
-
-                # 1. responses: the gold answers (sft) or on-policy rollouts under the long context
                 if cfg.objective == "sft":
                     owners, responses = batch, [gold_answer_ids(tokenizer, b.example, turn_end) for b in batch]
                 else:
@@ -128,12 +130,14 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                                           synced_gpus=not once and ranks.world > 1)
                     stats.rollout_seconds += time.perf_counter() - rollout_started
                     owners, responses = [batch[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts]
-                targets = torch.tensor([t for r in responses for t in r], device=ranks.device)
-                # the mean over every rank's response tokens; FSDP2 averages gradients over the ranks
-                global_rows = all_reduce([len(targets)], ranks)[0]
-                scale = ranks.world / (global_rows * cfg.grad_accum)
-                students = [o.student for o in owners]
+                micro_batches.append((owners, responses))
+            # the mean over the step's response tokens on every rank; FSDP2 averages gradients over the ranks
+            global_rows = all_reduce([sum(len(r) for _, responses in micro_batches for r in responses)], ranks)[0]
+            scale = ranks.world / global_rows
 
+            for owners, responses in micro_batches:
+                targets = torch.tensor([t for r in responses for t in r], device=ranks.device)
+                students = [o.student for o in owners]
                 if cfg.objective == "sft":
                     loss_sum, log_ratio = policy(students, responses, mode="sft", cfg=cfg, targets=targets)
                     (loss_sum * scale).backward()

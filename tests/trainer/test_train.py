@@ -299,3 +299,49 @@ def test_no_save_optimizer_leaves_adamw_out_and_a_resume_says_so(tmp_path, capsy
     train(TrainConfig(**TINY, steps=2, save_optimizer=False, resume=str(tmp_path / "checkpoint-000001"),
                       out=str(tmp_path)))
     assert "holds no optimizer state (--no-save-optimizer); AdamW starts afresh" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("objective", ["sft", "opsdl"])
+def test_the_loss_is_the_mean_over_the_steps_tokens_whatever_the_micro_batches(tmp_path, monkeypatch, objective):
+    """grad-accum 1 x batch 4 and grad-accum 4 x batch 1 give the same gradient (fp32 rounding): every
+    response token weighs 1 / (the step's response tokens), so a short response weighs no more than
+    a long one. SFT trains on gold answers of 1 to 12 words; OPSDL on responses of 1 to 12 tokens."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    lines = [json.dumps({"id": i, "long_context": f"filler text. the code is {' '.join(words[:n])}. more filler.",
+                         "short_context": f"the code is {' '.join(words[:n])}.", "question": "What is the code?",
+                         "answer": " ".join(words[:n])}) for i, n in enumerate((1, 12, 3, 7))]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    grads = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def record(parameters, max_norm):
+        parameters = list(parameters)
+        grads.append([p.grad.detach().clone() for p in parameters])
+        return real_clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    if objective == "opsdl":  # responses of 1 to 12 tokens, each prompt's the same in both runs
+        import opsdl.train as loop
+        from opsdl.rollout import Rollout
+
+        def rollouts(model, tokenizer, prompts, **options):
+            return [Rollout(i, [(7 * len(p) + k) % 60 + 3 for k in range(len(p) % 12 + 1)], True)
+                    for i, p in enumerate(prompts)]
+
+        monkeypatch.setattr(loop, "sample", rollouts)
+    base = dict(TINY, data=str(data), steps=1, objective=objective, max_new_tokens=12)
+    logs = []
+    for batch, accum in ((4, 1), (1, 4)):
+        out = tmp_path / f"b{batch}x{accum}"
+        train(TrainConfig(**{**base, "batch_size": batch, "grad_accum": accum, "out": str(out)}))
+        logs.append(json.loads((out / "log.jsonl").read_text().splitlines()[0]))
+    # fp32 sums over 4 packed sequences or 1: the loss (a KL near 1e-4, a difference of log-probs of
+    # order 10) agrees to 20 ulps of those log-probs
+    assert abs(logs[0]["loss"] - logs[1]["loss"]) <= 20 * 10 * 2**-24, logs
+    one, four = grads
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(one, four))
+    print(f"worst relative gradient difference: {worst:.2e}")
+    assert worst < 1e-4, worst  # fp32: packing 4 sequences or 1 changes only the summation order
+    lengths = {logs[0]["response_length"], logs[1]["response_length"]}
+    assert len(lengths) == 1 and lengths.pop() > 3  # the same responses, of several lengths
