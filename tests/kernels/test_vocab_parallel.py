@@ -6,6 +6,7 @@ kernels in the interpreter); the tests read what it measured.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,8 @@ WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 pytestmark = pytest.mark.skipif(os.environ.get("OPSDL_TEST_DEVICE", "cpu") != "cpu",
                                 reason="gloo ranks on the CPU; the CUDA test mode runs the kernels on the GPU")
 QUANTITIES = ("loss", "log_ratio", "dh", "dw", "db")
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+SAFETY = 4  # see fp32_bound
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
@@ -46,18 +49,50 @@ def cases(measured, dtype):
                 yield rank, name, case
 
 
-def test_fp32_loss_and_gradients_equal_one_process_within_1e6(measured):
-    """Max-norm relative differences (as ``rel_err``): loss, log-ratio, dh (summed over the ranks),
-    and each rank's slice of dW and db against the same slice of the one-process gradient: at most
-    1e-6, or, where the one-process result is itself further than that from float64 (fp32 rounding
-    of these inputs), at most that far."""
+def fp32_bound(case: dict, vocab: int, hidden: int) -> float:
+    """How far fp32 rounding alone may take the vocabulary-parallel result of ``case`` from the
+    one-process result (max-norm, relative), from an error analysis.
+
+    Both evaluate the same formulas in fp32 and differ only in the order of their roundings. The
+    sums over the vocabulary (the softmax normalizers and the other running sums of the online
+    softmax, dh = sum_v G_v w_v) run over V terms in one process, over V / K terms on each rank
+    and then K partials added by the all-reduce (each rescaled by e^(m_r - m): one rounding more);
+    and the products go through BLAS kernels of other shapes (V / K rows of the head instead of V),
+    blocked differently, so that the H-term dot products of the logits and the N-term sums of dW
+    (N rows) round in another order too. A sum of n terms computed in any order is within
+    gamma_n = n u of the exact one in the worst case, about sqrt(n) u when the roundings are
+    independent (Higham and Mary, SIAM J. Sci. Comput. 2019), relative to the sum of the terms'
+    magnitudes, that is times the condition number kappa = sum |terms| / |sum of terms| (the KL
+    gradients cancel; u = 2^-24). Along the chain of V-, H- and N-term reductions each result is
+    so within eps = sqrt(V + H + N) u kappa of the exact value, and the two within 2 eps.
+
+    eps is taken as the larger of sqrt(V + H + N) u (29 u = 1.8e-6 for V = 803, H = 32, N = 24:
+    kappa = 1) and the one-process result's own largest relative distance from a float64
+    evaluation of the same inputs over its loss and gradients (the ``single_*`` errors): that
+    measures eps with this case's kappa on this machine's BLAS, so that the bound moves with the
+    BLAS instead of being tied to one CPU's rounding (the previous max(1e-6, own distance) failed
+    at 1.05x on an AVX-512/AMX Xeon). SAFETY = 4 = 2 (two results, each within eps) x 2 (margin).
+    Measured on AVX-512 and AVX2 oneDNN, 2 and 3 ranks: at most 0.3 of the bound (the report of
+    the commit that set it gives the table). A wrong merge (a rescale skipped, a partial lost)
+    is off by O(1), far above the bound (at most 4 x 2e-5, the fp32 tolerance that the one-process
+    result must meet itself)."""
+    own = max(v["max"] for k, v in case["errors"].items() if k.startswith("single_"))
+    return SAFETY * max(math.sqrt(vocab + hidden + case["rows"]) * FP32_UNIT_ROUNDOFF, own)
+
+
+def test_fp32_loss_and_gradients_equal_one_process_up_to_rounding(measured):
+    """Max-norm relative differences (as ``rel_err``) from the one-process result: loss, log-ratio,
+    dh (summed over the ranks), and each rank's slice of dW and db against the same slice of the
+    one-process gradient, within ``fp32_bound``; and the one-process result itself within the fp32
+    tolerance of float64."""
     seen = 0
+    vocab, hidden = measured[1]["vocab"], measured[1]["hidden"]
     for rank, name, case in cases(measured, "float32"):
         errors = case["errors"]
         worst = {q: errors[q]["max"] for q in QUANTITIES}
-        own_rounding = max([errors[k]["max"] for k in errors if k.startswith("single_")] or [0.0])
-        assert own_rounding <= TOLERANCE[torch.float32], (rank, name, errors)  # the one-process result is right
-        assert max(worst.values()) <= max(1e-6, own_rounding), (rank, name, worst, own_rounding)
+        own = {k: v["max"] for k, v in errors.items() if k.startswith("single_")}
+        assert own and max(own.values()) <= TOLERANCE[torch.float32], (rank, name, own)  # one process is right
+        assert max(worst.values()) <= fp32_bound(case, vocab, hidden), (rank, name, worst, own)
         seen += 1
     assert seen >= 14 * measured[0]
 
@@ -123,5 +158,7 @@ def test_the_readme_example_runs_under_torchrun_and_matches_the_whole_head():
     assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1"]
     for line in lines:
         loss, whole = (float(part.split()[-1]) for part in line.split(",")[1:3])
-        assert loss == pytest.approx(whole, rel=1e-6) and loss > 0
+        # printed to 6 decimals: two values that differ by rounding alone (~1e-8 here) print alike,
+        # or one unit of the last digit apart where they straddle a rounding boundary
+        assert abs(loss - whole) <= 1.5e-6 and loss > 0
     assert "rows 501 of 1001" in lines[0] and "rows 500 of 1001" in lines[1]

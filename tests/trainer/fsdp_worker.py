@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import json
 import sys
 from pathlib import Path
@@ -17,13 +18,13 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-import opsdl.train
+import opsdl.objective
 import opsdl.train_fsdp
 from opsdl_kernels import fused_rkl_loss
 from opsdl.fsdp import init_ranks, shard, whole
 from opsdl.model import lm_head
 from opsdl.options import TrainConfig
-from opsdl.train import distillation_loss, packed_rows
+from opsdl.objective import distillation_loss, packed_rows
 from opsdl.train_fsdp import train_fsdp
 
 
@@ -44,7 +45,7 @@ def gradient_errors(folder: str, ranks, memory: str) -> dict:
     of them (the mean over all tokens): the largest difference relative to the largest gradient.
     ``memory``: the fused loss's path ("lean" recomputes the teacher's logits in the backward, from
     the teacher's gathered head)."""
-    opsdl.train.fused_rkl_loss = functools.partial(fused_rkl_loss, memory=memory)
+    opsdl.objective.fused_rkl_loss = functools.partial(fused_rkl_loss, memory=memory)
     cfg = TrainConfig(estimator="full", impl="torch")
     student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     teacher = copy.deepcopy(student).requires_grad_(False)
@@ -71,7 +72,7 @@ def gradient_errors(folder: str, ranks, memory: str) -> dict:
         loss_sum, _ = policy(students[mine], responses[mine], mode="distill", cfg=cfg, targets=my_targets,
                              teacher_rows=my_teacher_rows, teacher_head=lm_head(sharded_teacher.model))
         (loss_sum * ranks.world / len(targets)).backward()
-    opsdl.train.fused_rkl_loss = fused_rkl_loss
+    opsdl.objective.fused_rkl_loss = fused_rkl_loss
 
     expected = dict(reference.named_parameters())
     worst, head_error = 0.0, None
@@ -104,8 +105,48 @@ def main(job_file: str) -> None:
         train_fsdp(TrainConfig(**fields))
         if ranks.main:  # the dtypes the fused loss saw (hidden states, lm-head), per run
             (Path(fields["out"]) / "loss_dtypes.json").write_text(json.dumps(sorted(set(seen))))
-    opsdl.train.fused_rkl_loss = fused_rkl_loss
+    opsdl.objective.fused_rkl_loss = fused_rkl_loss
+    del ranks  # its device mesh holds the group
+    destroy_group()
+
+
+def destroy_group() -> None:
+    """destroy_process_group(), and a check that it freed the group (joined its gloo threads).
+
+    A group that something still holds keeps its gloo threads alive into the interpreter's
+    finalization, where a thread still releasing the last collective's tensors needs the GIL and
+    aborts the process by chance (SIGABRT, "terminate called without an active exception";
+    tests/kernels/vocab_parallel_worker.py has the whole story). Here the holders are device
+    meshes, which keep their groups: those in DTensor's caches, and the FSDP modules' and the
+    redistribution planners' (in reference cycles until a collection)."""
+    forget_device_meshes()
+    gc.collect()  # after: the FSDP states and the planners just dropped from the cache are in reference cycles
     dist.destroy_process_group()
+    left = []
+    for task in Path("/proc/self/task").glob("*/comm"):  # Linux; nothing elsewhere
+        try:
+            left += [name for name in [task.read_text().strip()] if "gloo" in name]
+        except OSError:  # a thread that ended meanwhile
+            pass
+    if left:
+        raise RuntimeError(f"gloo threads {left} outlived destroy_process_group(): something still holds the "
+                           "process group, and this process would exit racing them")
+
+
+def forget_device_meshes() -> None:
+    """Empty the caches in which DTensor (torch 2.13) keeps every DeviceMesh it met: sharding and
+    tensor-meta propagation, redistribution plans and planners (keyed by a weak reference to the
+    mesh, but the planner holds it), mesh topologies."""
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor._collective_utils import MeshTopoInfo
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute._planner_cache.clear()
+    MeshTopoInfo.build_from_mesh.cache_clear()
 
 
 def spy_on_loss_dtypes() -> list:
@@ -116,7 +157,7 @@ def spy_on_loss_dtypes() -> list:
         seen.append(f"{student_rows.dtype} {weight.dtype}")
         return fused_rkl_loss(student_rows, teacher_rows, weight, *args, **kwargs)
 
-    opsdl.train.fused_rkl_loss = spy
+    opsdl.objective.fused_rkl_loss = spy
     return seen
 
 
