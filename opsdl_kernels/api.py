@@ -1,7 +1,6 @@
 """Public entry points: argument checks, flattening, row weights, reduction, impl and path choice."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os

@@ -96,8 +96,10 @@ def main(job_file: str) -> None:
         if ranks.main:
             Path(job["grad_out"]).write_text(json.dumps(errors))
     if job.get("fail_on_rank") == ranks.rank:
+        rank = ranks.rank  # not the Ranks object: it is deleted below, before the group is destroyed
+
         def broken_sample(*args, **kwargs):
-            raise RuntimeError(f"injected failure on rank {ranks.rank}")
+            raise RuntimeError(f"injected failure on rank {rank}")
 
         opsdl.train_fsdp.sample = broken_sample
     for fields in job.get("train", []):
