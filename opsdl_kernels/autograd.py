@@ -57,6 +57,10 @@ class Call:
     vocab_total: int = 0
     vocab_widest: int = 0
 
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+
     def shard(self) -> Optional[VocabShard]:
         if self.vocab_group is None:
             return None
