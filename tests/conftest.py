@@ -18,6 +18,14 @@ else:
     # autotuning test builds its own two-config tuner)
     os.environ.setdefault("OPSDL_PIN_CONFIG", "1")
 
+import tempfile  # noqa: E402
+
+# Inductor's on-disk cache (torch 2.13) is not keyed on the vector ISA PyTorch runs with: code compiled
+# under one ATEN_CPU_CAPABILITY and loaded under another (an imitated AVX2 run after an AVX-512 one)
+# aborts. Each capability the tests run under gets a cache of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_opsdl_{torch.backends.cpu.get_cpu_capability().lower()}"))
+
 import numpy as np  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
