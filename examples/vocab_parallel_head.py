@@ -21,5 +21,5 @@ loss = fused_rkl_loss(student, teacher, head)  # or: (student, teacher, my_rows,
 loss.backward()  # head.grad: this rank's rows only; student.grad: summed over the ranks
 whole = fused_rkl_loss(student.detach(), teacher, head.full_tensor().detach())  # one process, for comparison
 print(f"rank {dist.get_rank()}: rows {head.to_local().shape[0]} of 1001, loss {loss.item():.6f}, "
-      f"whole-head loss {whole.item():.6f}, |student.grad| {student.grad.norm():.4f}")
+      f"whole-head loss {whole.item():.6f}, |student.grad| {student.grad.norm():.4f}", flush=True)
 dist.destroy_process_group()
