@@ -28,7 +28,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_type) -> None:
     for f in dataclasses.fields(config_type):
         kind = hints[f.name]
         common = dict(dest=f.name, default=f.default, help=f.metadata.get("help", ""))
-        if kind is bool:
+        if kind is bool or kind == Optional[bool]:  # Optional: None means "decide by the machine"
             parser.add_argument(*_flags(f), action=argparse.BooleanOptionalAction, **common)
             continue
         if typing.get_origin(kind) is typing.Union:  # Optional[X]

@@ -47,18 +47,32 @@ class TrainConfig:
     warmup_steps: int = option(0, "steps of linear warmup from 0 to --lr")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
-    temperature: float = option(0.7, "rollout sampling temperature (0: greedy)")
-    top_p: float = option(1.0, "rollout nucleus sampling")
+    temperature: float = option(0.7, "rollout sampling temperature; the loss scores student and teacher at the "
+                                      "same temperature, so that it trains the distribution it samples from "
+                                      "(0: greedy, off-policy)")
+    top_p: float = option(1.0, "rollout nucleus sampling (< 1: off-policy, the loss cannot score the truncation)")
+    off_policy: bool = option(False, "accept rollouts drawn from another distribution than the one the loss scores "
+                                     "(--temperature 0, --top-p < 1): --estimator sampled's gradient is then biased")
+    rollout_engine: str = option("auto", "hf: transformers generate on the trainer's model; vllm: a vLLM engine in "
+                                         "this process with its own copy of the weights, updated after every "
+                                         "optimizer step; auto: vllm where it is installed and runs, else hf",
+                                 ("auto", "hf", "vllm"))
+    rollout_cache_gib: float = option(2.0, "vLLM's KV-cache budget in GiB (host memory on a CPU, GPU memory on "
+                                           "CUDA); it must hold --max-length tokens")
     max_new_tokens: int = option(24, "rollout length limit")
     max_length: int = option(8192, "longest student sequence (prompt + answer) allowed")
     truncate: str = option("error", "an example longer than --max-length: error, or drop it (counted)",
                          ("error", "drop"))
     seed: int = option(0, "seed of data order, sampling and tiny-model weights")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
-    dtype: str = option("float32", "dtype of the weights, the teacher's and the optimizer state (auto: the "
-                                   "checkpoint's own)", ("float32", "bfloat16", "auto"), aliases=("--torch_dtype",))
-    bf16: bool = option(False, "bf16 compute over float32 weights: autocast on CUDA; under torchrun, FSDP2's "
-                               "bf16 parameters with fp32 gradient reduction (any device)")
+    dtype: str = option("float32", "dtype of the trained weights and the optimizer state: float32 (master "
+                                   "weights; 16-bit ones are refused, AdamW's small updates vanish in them: "
+                                   "use --bf16 for 16-bit compute)", ("float32", "bfloat16", "auto"),
+                        aliases=("--torch_dtype",))
+    bf16: Optional[bool] = option(None, "bf16 compute over float32 weights for rollouts, teacher and student (autocast; "
+                                        "under torchrun FSDP2's bf16 parameters with fp32 gradient reduction); "
+                                        "default: on where bf16 products are fast (CUDA with bf16, CPUs with "
+                                        "AVX512_BF16 or AMX units), --no-bf16 forces float32")
     rollout_gather: str = option("once", "under torchrun: 'once' gathers the whole model on each rank for the "
                                          "rollouts, 'per-layer' gathers each layer for every token's forward "
                                          "(less memory, much slower)", ("once", "per-layer"))
@@ -85,7 +99,7 @@ class EvalConfig:
     samples: int = option(40, "examples per (task, length)")
     seed: int = option(0, "evaluation seed (its own seed space: never a training example)")
     batch_size: int = option(4, "prompts per generate call")
-    max_new_tokens: int = option(32, "answer length limit")
+    max_new_tokens: int = option(64, "answer length limit (multivalue answers need about 40 tokens)")
     rope_factor: float = option(1.0, "stretch each model's RoPE window by this factor (linear scaling)")
     short_context_check: bool = option(True, "also ask each question with only the evidence as context")
     out: str = option("runs/eval", "output folder")
@@ -137,12 +151,21 @@ def check_train_options(cfg: TrainConfig) -> None:
         ("top-p", 0 < cfg.top_p <= 1, "a number in (0, 1]"),
         ("ema-decay", 0 <= cfg.ema_decay < 1, "a number in [0, 1)"),
         ("rope-factor", cfg.rope_factor >= 1, "a number >= 1"),
+        ("rollout-cache-gib", cfg.rollout_cache_gib > 0, "a number of GiB > 0"),
     ]
     for name, ok, expected in checks:
         if not ok:
             raise ValueError(f"--{name}: expected {expected}, got {getattr(cfg, name.replace('-', '_'))!r}")
     if cfg.warmup_steps >= cfg.steps and cfg.warmup_steps:
         raise ValueError(f"--warmup-steps: expected fewer than --steps {cfg.steps}, got {cfg.warmup_steps}")
+    if cfg.dtype != "float32":
+        raise ValueError(f"--dtype {cfg.dtype}: training needs float32 master weights (AdamW's updates at small "
+                         "learning rates fall below half a bf16 step and are lost); for bf16 compute use "
+                         "--dtype float32 --bf16")
+    if not cfg.off_policy and cfg.objective == "opsdl" and (cfg.temperature == 0 or cfg.top_p < 1):
+        drawn = "greedy rollouts (--temperature 0)" if cfg.temperature == 0 else f"--top-p {cfg.top_p}"
+        raise ValueError(f"{drawn}: the rollouts would not be drawn from the distribution the loss scores; use "
+                         "--temperature > 0 with --top-p 1, or say --off-policy")
     if cfg.teacher_model and cfg.teacher != "frozen":
         raise ValueError(f"--teacher-model: a separate teacher is frozen; got --teacher {cfg.teacher}")
     if cfg.teacher_model and cfg.objective == "sft":

@@ -1,11 +1,12 @@
 """Prompts and batched on-policy sampling with the model's own ``generate``."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .packing import own_attention
 
@@ -59,6 +60,24 @@ def turn_end_id(tokenizer: PreTrainedTokenizerBase, stops: list[int]) -> int:
     return stops[0]
 
 
+@contextlib.contextmanager
+def _plain_generation_config(model: PreTrainedModel) -> Iterator[None]:
+    """The model's generation config reduced to its special tokens for the length of the block.
+    ``generate`` fills every option not passed from ``model.generation_config``, and checkpoints ship
+    options that change the distribution (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20,
+    top_p 0.8): samples drawn under them are not samples of softmax(logits / T), which the loss
+    scores. Only ``sample``'s own arguments shape the distribution here."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig(**{name: getattr(own, name, None) for name in _SPECIAL_TOKENS})
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
+_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
 @dataclass(frozen=True)
 class Rollout:
     prompt_index: int  # which prompt of the batch it answers
@@ -78,7 +97,9 @@ def sample(
     synced_gpus: bool = False,
 ) -> list[Rollout]:
     """``samples_per_prompt`` responses per prompt, left-padded into one ``generate`` call with the
-    KV cache, under the model's own attention implementation. A response ends at the first of any
+    KV cache, under the model's own attention implementation, from softmax(logits / temperature)
+    (nucleus-truncated when top_p < 1) and nothing else: the generation config's penalties and
+    processors are left out (``_plain_generation_config``). A response ends at the first of any
     ``stop_ids`` (the generation config's EOS list). temperature 0 means greedy decoding. Reseed
     torch beforehand for reproducible samples. ``synced_gpus``: ranks whose layers are gathered per
     forward (FSDP) keep stepping until every rank's batch has ended."""
@@ -99,7 +120,7 @@ def sample(
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     was_training = model.training
     model.eval()
-    with torch.no_grad(), own_attention(model):
+    with torch.no_grad(), own_attention(model), _plain_generation_config(model):
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                              num_return_sequences=samples_per_prompt, pad_token_id=pad, eos_token_id=stops,
                              synced_gpus=synced_gpus, **sampling)
