@@ -57,7 +57,7 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fails the test if a model starts loading: these errors must come first."""
-    import opsdl.train as loop
+    import opsdl.rollout_engines as loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
@@ -112,7 +112,7 @@ def test_a_non_empty_out_is_refused_unless_resumed_or_overwritten(tmp_path, caps
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    import opsdl.train as loop
+    import opsdl.rollout_engines as loop
 
     calls = []
     real = loop.sample
