@@ -57,7 +57,7 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fails the test if a model starts loading: these errors must come first."""
-    import opsdl.rollout_engines as loop
+    import opsdl.train as loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
@@ -135,3 +135,115 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
 def test_config_fields_all_reach_the_command_line():
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
     assert {f for f in TrainConfig.__dataclass_fields__} <= flags
+
+
+# ---- refused before torch: the command run as a user runs it, its imports listed by -X importtime ----
+
+HEAVY = ("torch", "transformers", "triton")
+
+
+def _run_and_list_imports(argv: list[str], cwd) -> tuple[int, list[str], set[str]]:
+    """``python -X importtime -m opsdl ARGV``: exit code, the stderr lines that are not import
+    timings, and the top-level packages imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "opsdl", *argv], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+    lines = done.stderr.splitlines()
+    modules = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert {"opsdl.cli", "argparse"} <= modules, "the import list was not read"  # the listing itself works
+    return done.returncode, [line for line in lines if not line.startswith("import time:")], \
+        {m.split(".")[0] for m in modules}
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+    (["train", "--data", "nonexistent.jsonl"], "--data nonexistent.jsonl: no such file"),
+    (["train", "--data", "."], "--data .: expected a file, got a folder"),
+    (["eval", "--samples", "0"], "--samples: expected an integer >= 1, got 0"),
+    (["eval", "--lengths", "1024,x"], "--lengths: expected int values, got '1024,x'"),
+    (["eval", "--tasks", "multikey,needle"], "--tasks: expected tasks among multikey, multivalue, vartrack, got needle"),
+    (["prepare"], "give exactly one of --docs PATH and --pydoc MODULES (got neither)"),
+    (["prepare", "--docs", "nonexistent.jsonl"], "--docs nonexistent.jsonl: no such file or folder"),
+    (["prepare", "--pydoc", "json", "--segments-per-doc", "0"], "--segments-per-doc: expected an integer >= 1, got 0"),
+    (["prepare", "--pydoc", "json", "--template", "nonexistent.txt"], "--template nonexistent.txt: no such file"),
+])
+def test_refused_options_answer_without_torch(tmp_path, argv, expected):
+    code, err, imported = _run_and_list_imports(argv, tmp_path)
+    assert (code, err) == (2, [f"opsdl {argv[0]}: error: {expected}"])
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_used_out_is_refused_before_torch_in_the_words_of_claim_output_dir(tmp_path):
+    from opsdl.checkpoint import claim_output_dir
+
+    out = tmp_path / "runs" / "opsdl"
+    out.mkdir(parents=True)
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    (out / "checkpoint-000005").mkdir()
+    with pytest.raises(ValueError) as refused:
+        claim_output_dir(out, TrainConfig(out=str(out)))
+    code, err, imported = _run_and_list_imports(["train", "--out", str(out)], tmp_path)
+    assert (code, err) == (2, [f"opsdl train: error: {refused.value}"])
+    assert not imported & set(HEAVY)
+    # --resume, --overwrite-output-dir and a torchrun rank (rank 0 claims --out) go on to the command
+    from opsdl.cli import check_before_loading
+
+    for cfg in (TrainConfig(out=str(out), resume="latest"), TrainConfig(out=str(out), overwrite_output_dir=True)):
+        check_before_loading("train", cfg)
+
+
+def test_the_commands_modules_import_no_torch_until_they_run():
+    code = ("import sys, opsdl.cli, opsdl.options, opsdl.data, opsdl.prepare, opsdl.eval; "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---- the README's command lines, run in order by a new user -----------------------------------
+
+def _readme_train_and_eval_commands() -> list[list[str]]:
+    """The argument lists after ``opsdl train`` / ``opsdl eval`` (first item: the command) in the
+    README's bash blocks, and in its inline command lines started by a launcher (torchrun,
+    /usr/bin/time); a plain inline ``opsdl train --x`` names an option, it is not a run."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        lines += re.sub(r"\\\n\s*", " ", block).splitlines()
+    prose = re.sub(r"```.*?```", "", readme, flags=re.S)
+    lines += [span for span in re.findall(r"`([^`]+)`", prose) if span.startswith(("torchrun ", "/usr/bin/time "))]
+    lines += [span for span in re.findall(r"`([^`]+)`", prose) if span.startswith("opsdl eval ")]
+    commands = []
+    for line in lines:
+        for part in re.split(r"&&|;", re.sub(r"(^|\s)#.*", "", line)):
+            words = shlex.split(part)
+            for i, word in enumerate(words[:-1]):
+                if word == "opsdl" and words[i + 1] in ("train", "eval") and "--help" not in words:
+                    commands.append(words[i + 1:])
+    return commands
+
+
+def _option(args: list[str], names: tuple, default: str) -> str:
+    for i, word in enumerate(args):
+        if word in names:
+            return args[i + 1]
+    return default
+
+
+def test_readme_train_commands_each_have_their_own_out():
+    """After command 1 (``opsdl train``: runs/opsdl) every other training command of the README must
+    run as written: a non-empty --out is refused, so no two share one."""
+    commands = _readme_train_and_eval_commands()
+    outs = [_option(c, ("--out", "--output_dir"), TrainConfig.out) for c in commands if c[0] == "train"]
+    assert len(outs) >= 5 and outs[0] == "runs/opsdl"  # command 1, then the others
+    assert len(set(outs)) == len(outs), sorted(o for o in outs if outs.count(o) > 1)
+    # an evaluated checkpoint is one a README training command writes (at its last step: 5 by default)
+    trained = {(o, int(_option(c, ("--steps", "--max_steps"), "5"))) for o, c in
+               zip(outs, [c for c in commands if c[0] == "train"])}
+    evaluated = [m for c in commands if c[0] == "eval" for m in _option(c, ("--model",), "").split(",") if "/" in m]
+    assert evaluated
+    for model in evaluated:
+        folder, _, checkpoint = model.rpartition("/")
+        assert (folder, int(checkpoint.removeprefix("checkpoint-"))) in trained, model
