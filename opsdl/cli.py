@@ -1,5 +1,7 @@
-"""`opsdl train | prepare | eval`: argument parsing only. torch, transformers and triton load once
-a command runs, never for ``--help`` or a rejected option."""
+"""`opsdl train | prepare | eval | export`: argument parsing and the checks that need no torch.
+torch, transformers and triton load once a command runs, never for ``--help`` or a refused option:
+``main`` runs ``check_before_loading`` before it imports the command's module, and nothing this
+module imports at its top imports torch (``tests/trainer/test_cli.py`` runs the command and looks)."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +10,11 @@ import dataclasses
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Optional, Sequence
 
-from .options import EvalConfig, ExportConfig, PrepareConfig, TrainConfig
+from .data import check_input_file
+from .options import EvalConfig, ExportConfig, PrepareConfig, TrainConfig, check_train_options
 
 
 def _flags(f: dataclasses.Field) -> list[str]:
@@ -69,10 +73,51 @@ def return_freed_memory_to_the_system() -> None:
         pass
 
 
+def _refuse_a_used_out(cfg: TrainConfig) -> None:
+    """The refusal of ``opsdl.checkpoint.claim_output_dir`` (which imports torch), said before torch
+    loads; the same words (a test holds them together). Not under torchrun, where rank 0 alone
+    claims --out and another rank, started later, could find it already in use by this run."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: expected a folder, got a file")
+    if "WORLD_SIZE" in os.environ or cfg.resume or cfg.overwrite_output_dir or not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        raise ValueError(f"--out {out}: not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
+                         "pass --resume to continue that run, --overwrite-output-dir to start it over, or "
+                         "another --out")
+
+
+def check_before_loading(command: str, config) -> None:
+    """Every check of a command's options that needs no torch: a refused option answers at once
+    (a ValueError naming the option, what it expects and what it got). The commands run their own
+    checks again (they are also called from Python), and then the ones that need torch: the model
+    source, the device, a checkpoint's contents."""
+    if command == "train":
+        check_train_options(config)
+        if config.data:
+            check_input_file("--data", config.data)
+        _refuse_a_used_out(config)
+    elif command == "prepare":
+        from .prepare import check_prepare_options  # torch-free: prepare imports torch when it runs
+
+        check_prepare_options(config)
+    elif command == "eval":
+        from .eval import check_eval_options  # torch-free likewise
+
+        check_eval_options(config)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config_type = COMMANDS[args.command]
     config = config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
+    try:
+        check_before_loading(args.command, config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"opsdl {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return_freed_memory_to_the_system()
     try:
         if args.command == "train" and "WORLD_SIZE" in os.environ:  # started by torchrun

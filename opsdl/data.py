@@ -74,10 +74,20 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, str, object]]:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False) -> list[Example]:
+def check_input_file(option: str, path: Union[str, Path]) -> Path:
+    """An input file that must exist: the refusal names the option and the path
+    (``--data runs/x.jsonl: no such file``). Touches nothing but the file system."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{option} {path}: expected a file, got a folder")
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{option} {path}: {'no such file' if not path.exists() else 'not a regular file'}")
+    return path
+
+
+def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False, option: str = "--data") -> list[Example]:
+    """The examples of a training JSONL; ``option`` is the flag that named the file, for the errors."""
+    path = check_input_file(option, path)
     examples, seen = [], set()
     for _, where, record in read_jsonl(path):
         example = validate(record, where, allow_noncontiguous)
@@ -86,7 +96,7 @@ def load_examples(path: Union[str, Path], allow_noncontiguous: bool = False) -> 
         seen.add(example.id)
         examples.append(example)
     if not examples:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{option} {path}: no examples (the file is empty)")
     return examples
 
 

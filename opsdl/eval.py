@@ -15,13 +15,16 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+
 from tqdm import tqdm
 
 from .data import answer_found, make_examples
 from .files import write_atomic
-from .model import load_model, resolve_device
 from .options import EvalConfig
-from .rollout import prompt_ids, sample
+
+# torch, transformers and the model code load in the functions that need them, so that
+# check_eval_options (and ``opsdl eval`` refusing an option) answers without them.
+TASKS = ("multikey", "multivalue", "vartrack")
 
 
 def _csv(text: str, name: str, kind=str) -> list:
@@ -37,6 +40,8 @@ def _csv(text: str, name: str, kind=str) -> list:
 def accuracy(model, tokenizer, contexts: list[str], questions: list[str], answers: list[list[str]],
              batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
     """Greedy answers in batches; the share whose text holds every expected answer."""
+    from .rollout import prompt_ids, sample
+
     outputs = []
     for i in range(0, len(questions), batch_size):
         prompts = [prompt_ids(tokenizer, c, q) for c, q in zip(contexts[i:i + batch_size], questions[i:i + batch_size])]
@@ -46,11 +51,36 @@ def accuracy(model, tokenizer, contexts: list[str], questions: list[str], answer
     return sum(bool(h) for h in hits) / len(hits), outputs
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def check_eval_options(cfg: EvalConfig) -> tuple[list[str], list[str], list[int]]:
+    """Every option that can be refused without torch, before any model loads (``opsdl eval`` runs
+    it before importing the rest): the models, tasks and lengths it will evaluate."""
     models, tasks = _csv(cfg.model, "model"), _csv(cfg.tasks, "tasks")
     lengths = _csv(cfg.lengths, "lengths", int)
-    if cfg.samples < 1:
-        raise ValueError(f"--samples: expected at least 1, got {cfg.samples}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks: expected tasks among {', '.join(TASKS)}, got {', '.join(unknown)}")
+    short = [n for n in lengths if n < 64]
+    if short:
+        raise ValueError(f"--lengths: expected lengths >= 64 tokens, got {', '.join(map(str, short))}")
+    for name in ("samples", "batch_size", "max_new_tokens"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value!r}")
+    if not cfg.rope_factor >= 1:
+        raise ValueError(f"--rope-factor: expected a number >= 1, got {cfg.rope_factor!r}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {cfg.device!r}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out}: expected a folder, got a file")
+    return models, tasks, lengths
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    models, tasks, lengths = check_eval_options(cfg)
+    from .model import check_model_source, load_model, resolve_device
+
+    for name in models:  # a missing checkpoint is said now, not after the models before it have run
+        check_model_source(name)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

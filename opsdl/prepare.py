@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .data import DataError, read_jsonl
+from .data import DataError, check_input_file, read_jsonl
 from .files import write_atomic
 from .options import PrepareConfig
 
@@ -57,11 +57,12 @@ class PrepareStats:
 # ---- reading documents ------------------------------------------------------------------------
 
 def read_documents(path: Path) -> list[Document]:
-    """A JSONL file of {"text"[, "id"]} objects, or a folder of .txt/.md files (sorted by name)."""
+    """A JSONL file of {"text"[, "id"]} objects, or a folder of .txt/.md files (sorted by name): what
+    ``--docs`` names, and the errors say so."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
         if not files:
-            raise DataError(f"{path}: no .txt or .md files in this folder")
+            raise DataError(f"--docs {path}: expected a folder with .txt or .md files, got none in it")
         docs = []
         for f in files:
             text = f.read_text(encoding="utf-8", errors="replace")
@@ -70,7 +71,7 @@ def read_documents(path: Path) -> list[Document]:
             docs.append(Document(str(f.relative_to(path)), text))
         return docs
     if not path.is_file():
-        raise DataError(f"{path}: no such file or folder")
+        raise DataError(f"--docs {path}: no such file or folder")
     docs = []
     for lineno, where, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -79,7 +80,7 @@ def read_documents(path: Path) -> list[Document]:
             raise DataError(f"{where}: field 'text': the document is empty")
         docs.append(Document(str(record.get("id", f"line{lineno}")), record["text"]))
     if not docs:
-        raise DataError(f"{path}: no documents (the file is empty)")
+        raise DataError(f"--docs {path}: no documents (the file is empty)")
     return docs
 
 
@@ -189,6 +190,47 @@ def filter_questions(candidates: Sequence[str], segment: str, seen: set[str], ma
     return kept
 
 
+# ---- checks before anything loads ------------------------------------------------------------
+
+def read_template(cfg: PrepareConfig) -> str:
+    """The question prompt: ``--template FILE`` or the default; it must format with {n} and {segment}."""
+    if not cfg.template:
+        return DEFAULT_TEMPLATE
+    template = check_input_file("--template", cfg.template).read_text(encoding="utf-8", errors="replace")
+    if "{segment}" not in template:
+        raise DataError(f"--template {cfg.template}: expected a {{segment}} placeholder, got none")
+    try:
+        template.format(n=1, segment="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise DataError(f"--template {cfg.template}: expected only the {{n}} and {{segment}} placeholders (write "
+                        f"other braces as {{{{ and }}}}), got {type(e).__name__}: {e}") from None
+    return template
+
+
+def check_prepare_options(cfg: PrepareConfig) -> None:
+    """Everything about the options that can be refused without torch, before the model loads:
+    ``opsdl prepare`` runs it before importing the rest. Each message names the option, what it
+    expects and what it got."""
+    if bool(cfg.docs) == bool(cfg.pydoc):
+        raise DataError("give exactly one of --docs PATH and --pydoc MODULES" +
+                        (f" (got both: --docs {cfg.docs} --pydoc {cfg.pydoc})" if cfg.docs else " (got neither)"))
+    if cfg.docs and not Path(cfg.docs).exists():
+        raise DataError(f"--docs {cfg.docs}: no such file or folder")
+    if cfg.pydoc is not None and not [m for m in cfg.pydoc.split(",") if m.strip()]:
+        raise DataError(f"--pydoc: expected comma-separated module names, got {cfg.pydoc!r}")
+    for name in ("context_tokens", "segment_tokens", "segments_per_doc", "questions_per_segment", "pool_size",
+                 "max_question_tokens", "max_new_tokens", "batch_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value!r}")
+    if not cfg.temperature >= 0:
+        raise DataError(f"--temperature: expected a number >= 0 (0: greedy), got {cfg.temperature!r}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise DataError(f"--device: expected cpu, cuda, cuda:N or auto, got {cfg.device!r}")
+    read_template(cfg)
+    _check_out(Path(cfg.out), cfg.overwrite)
+
+
 # ---- the driver ----------------------------------------------------------------------------------
 
 
@@ -196,20 +238,39 @@ def _progress_path(out: Path) -> Path:
     return out.with_name(out.name + ".progress.json")
 
 
-def _load_progress(out: Path, overwrite: bool) -> tuple[set[str], PrepareStats]:
-    """Resume: cut --out back to the last finished document group and skip the groups done."""
+def _check_out(out: Path, overwrite: bool) -> dict | None:
+    """--out is new, an interrupted run's (it has a progress file: returned), empty, or --overwrite
+    was given. A finished run's output has no progress file: it is refused, not appended to."""
+    if out.is_dir():
+        raise DataError(f"--out {out}: expected a JSONL file path, got a folder")
     progress = _progress_path(out)
     if progress.exists():
-        state = json.loads(progress.read_text())
-        if not out.exists() or out.stat().st_size < state["bytes"]:
-            raise DataError(f"{out}: shorter than its progress file records; remove {progress} to start over")
+        try:
+            state = json.loads(progress.read_text())
+            recorded = state["bytes"]
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"--out {out}: its progress file {progress} is unreadable; remove it and pass "
+                            "--overwrite to start over") from None
+        if not out.is_file() or out.stat().st_size < recorded:
+            raise DataError(f"--out {out}: shorter than its progress file records ({recorded} bytes); remove "
+                            f"{progress} to start over")
+        return state
+    if out.exists() and out.stat().st_size and not overwrite:
+        raise DataError(f"--out {out}: exists and has no progress file (a finished run); pass --overwrite to start "
+                        "over, or give another --out")
+    return None
+
+
+def _load_progress(out: Path, overwrite: bool) -> tuple[set[str], PrepareStats]:
+    """Resume: cut --out back to the last finished document group and skip the groups done."""
+    state = _check_out(out, overwrite)
+    if state is not None:
         os.truncate(out, state["bytes"])  # drops a document group whose writing was cut short
         stats = PrepareStats(**{k: v for k, v in state["stats"].items() if k != "dropped"})
         stats.dropped.update(state["stats"]["dropped"])
         return set(state["done"]), stats
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: exists and has no progress file; pass --overwrite to start over")
     out.write_text("")
+    _save_progress(out, set(), PrepareStats())  # a run killed in its first group resumes too
     return set(), PrepareStats()
 
 
@@ -218,19 +279,29 @@ def _save_progress(out: Path, done: set[str], stats: PrepareStats) -> None:
                  json.dumps({"done": sorted(done), "bytes": out.stat().st_size, "stats": stats.as_dict()}))
 
 
+def _finish(out: Path) -> None:
+    """Every group is written and synced to disk: the progress file goes (one unlink, atomic), and
+    the folder is synced so that it stays gone. A run killed before this keeps it, and its rerun
+    finds every group done and finishes here."""
+    _progress_path(out).unlink(missing_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def prepare(cfg: PrepareConfig) -> PrepareStats:
+    check_prepare_options(cfg)  # options, documents and template are refused before torch loads
+    docs = read_documents(Path(cfg.docs)) if cfg.docs else pydoc_documents(
+        [m.strip() for m in cfg.pydoc.split(",") if m.strip()])
+    template = read_template(cfg)
+
     import torch
 
     from .model import load_model, resolve_device
     from .rollout import chat_ids, sample
 
-    if bool(cfg.docs) == bool(cfg.pydoc):
-        raise DataError("give exactly one of --docs PATH and --pydoc MODULES")
-    docs = read_documents(Path(cfg.docs)) if cfg.docs else pydoc_documents(
-        [m.strip() for m in cfg.pydoc.split(",") if m.strip()])
-    template = Path(cfg.template).read_text() if cfg.template else DEFAULT_TEMPLATE
-    if "{segment}" not in template:
-        raise DataError(f"--template: expected a {{segment}} placeholder in {cfg.template}")
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, seed=cfg.seed)
 
@@ -276,6 +347,7 @@ def prepare(cfg: PrepareConfig) -> PrepareStats:
             os.fsync(f.fileno())
         done.add(key)
         _save_progress(out, done, stats)
+    _finish(out)
     print(f"opsdl prepare: {stats.kept} questions kept from {stats.generated} generated over {stats.segments} "
           f"segments of {stats.documents} documents; dropped: {dict(stats.dropped) or 'none'} -> {out}")
     return stats

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from opsdl.data import DataError, Example, answer_found, load_examples, make_examples, write_examples
+from opsdl.data import (DataError, Example, answer_found, check_input_file, load_examples, make_examples,
+                        write_examples)
 
 GOOD = {"id": "a", "long_context": "x y z. the key is 42. more text.", "short_context": "the key is 42.",
         "question": "What is the key?", "answer": "42"}
@@ -84,3 +86,17 @@ def test_answer_found():
     assert answer_found("it is 42", ["42", "7"]) is False
     assert answer_found("anything", []) is None
     assert Example("i", "l", "l", "q").answers() == []
+
+
+def test_a_missing_or_wrong_file_names_the_option(tmp_path):
+    missing = tmp_path / "nonexistent.jsonl"
+    with pytest.raises(DataError, match=rf"^--data {re.escape(str(missing))}: no such file$"):
+        load_examples(missing)
+    with pytest.raises(DataError, match=rf"^--data {re.escape(str(tmp_path))}: expected a file, got a folder$"):
+        load_examples(tmp_path)
+    with pytest.raises(DataError, match=rf"^--eval-data {re.escape(str(missing))}: no such file$"):
+        load_examples(missing, option="--eval-data")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"^--data .*empty.jsonl: no examples \(the file is empty\)$"):
+        load_examples(tmp_path / "empty.jsonl")
+    assert check_input_file("--template", tmp_path / "empty.jsonl") == tmp_path / "empty.jsonl"

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from opsdl.cli import main
 from opsdl.data import answer_found, make_examples
@@ -97,3 +100,36 @@ def test_without_matplotlib_the_tables_are_written_and_the_missing_plot_is_said(
                         out=str(tmp_path), device="cpu", short_context_check=False))
     assert (tmp_path / "results.md").exists() and not (tmp_path / "accuracy.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(tasks="multikey,needles"), "--tasks: expected tasks among multikey, multivalue, vartrack, got needles"),
+    (dict(lengths="1024,32"), "--lengths: expected lengths >= 64 tokens, got 32"),
+    (dict(lengths=" , "), "--lengths: expected a comma-separated list, got ' , '"),
+    (dict(samples=0), "--samples: expected an integer >= 1, got 0"),
+    (dict(batch_size=0), "--batch-size: expected an integer >= 1, got 0"),
+    (dict(max_new_tokens=0), "--max-new-tokens: expected an integer >= 1, got 0"),
+    (dict(rope_factor=0.5), "--rope-factor: expected a number >= 1, got 0.5"),
+    (dict(device="gpu"), "--device: expected cpu, cuda, cuda:N or auto, got 'gpu'"),
+])
+def test_bad_options_are_refused_before_any_model(tmp_path, change, message):
+    from opsdl.eval import check_eval_options
+
+    cfg = EvalConfig(**{"model": "tiny:llama", "out": str(tmp_path / "e"), **change})
+    with pytest.raises(ValueError) as refused:
+        check_eval_options(cfg)
+    assert str(refused.value) == message
+    assert not (tmp_path / "e").exists()
+
+
+def test_out_that_is_a_file_and_a_missing_model_are_refused_before_the_first_model_runs(tmp_path, monkeypatch):
+    import opsdl.eval as ev
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"^--out .*file: expected a folder, got a file$"):
+        evaluate(EvalConfig(model="tiny:llama", out=str(tmp_path / "file")))
+    monkeypatch.setattr(ev, "accuracy", lambda *a, **k: pytest.fail("a model was evaluated before all were checked"))
+    missing = tmp_path / "runs" / "checkpoint-000005"
+    with pytest.raises(ValueError, match=rf"^--model {re.escape(str(missing))}: no such model folder"):
+        evaluate(EvalConfig(model=f"tiny:llama,{missing}", lengths="64", samples=1, out=str(tmp_path / "e"),
+                            device="cpu"))

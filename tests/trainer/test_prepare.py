@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from opsdl.data import DataError, load_examples
-from opsdl.prepare import (PrepareConfig, filter_questions, parse_questions, pick_segments, prepare,
-                           pydoc_documents, read_documents, sentence_spans)
+from opsdl.prepare import (PrepareConfig, check_prepare_options, filter_questions, parse_questions, pick_segments,
+                           prepare, pydoc_documents, read_documents, sentence_spans)
 from opsdl.rollout import Rollout
 
 
@@ -59,6 +59,11 @@ def test_bad_documents_name_file_and_line(tmp_path):
     (folder / "a.md").write_text("")
     with pytest.raises(DataError, match=r"a.md: the document is empty"):
         read_documents(folder)
+    with pytest.raises(DataError, match=r"^--docs .*empty_folder: expected a folder with .txt or .md files"):
+        (tmp_path / "empty_folder").mkdir()
+        read_documents(tmp_path / "empty_folder")
+    with pytest.raises(DataError, match=r"^--docs .*missing.jsonl: no such file or folder$"):
+        read_documents(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="pydoc"):
         pydoc_documents(["no_such_module_here"])
 
@@ -95,6 +100,7 @@ def test_output_is_training_data_with_true_offsets(tmp_path, monkeypatch):
     for r in records:
         assert r["long_context"][r["source"]["start"]:r["source"]["end"]] == r["short_context"]
     assert len(load_examples(out)) == len(records)  # exactly what `opsdl train --data` reads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # the progress file went, nothing else is left
 
 
 def test_resume_after_interruption_neither_redoes_nor_duplicates(tmp_path, monkeypatch):
@@ -106,6 +112,7 @@ def test_resume_after_interruption_neither_redoes_nor_duplicates(tmp_path, monke
     monkeypatch.setattr("opsdl.rollout.sample", killer)
     with pytest.raises(KeyboardInterrupt):
         prepare(PrepareConfig(**CONFIG, out=str(resumed)))
+    assert (tmp_path / "resumed.jsonl.progress.json").exists()  # interrupted: kept for the resume
     with resumed.open("a") as f:
         f.write('{"id": "half-written')  # a line cut short by the kill
     again = EchoModel()
@@ -114,9 +121,71 @@ def test_resume_after_interruption_neither_redoes_nor_duplicates(tmp_path, monke
     assert resumed.read_text() == whole.read_text()
     # one generate call per document group here: the group finished before the kill is not redone
     assert uninterrupted.calls == 2 and again.calls == 1
-    with pytest.raises(DataError, match="--overwrite"):
-        (tmp_path / "whole.jsonl.progress.json").unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed.jsonl", "whole.jsonl"]  # both completed
+    # a completed output is not appended to: refused before anything loads, then --overwrite starts over
+    with pytest.raises(DataError, match=r"--out .*whole.jsonl: exists and has no progress file \(a finished run\); "
+                                        "pass --overwrite"):
         prepare(PrepareConfig(**CONFIG, out=str(whole)))
+    assert again.calls == 1
+    prepare(PrepareConfig(**CONFIG, out=str(whole), overwrite=True))
+    assert whole.read_text() == resumed.read_text() and again.calls == 3
+
+
+def test_a_run_killed_in_its_first_group_or_before_its_last_unlink_resumes(tmp_path, monkeypatch):
+    out, whole = tmp_path / "t.jsonl", tmp_path / "whole.jsonl"
+    monkeypatch.setattr("opsdl.rollout.sample", EchoModel())
+    prepare(PrepareConfig(**CONFIG, out=str(whole)))
+    monkeypatch.setattr("opsdl.rollout.sample", EchoModel(fail_after=0))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(**CONFIG, out=str(out)))
+    assert out.read_text() == "" and (tmp_path / "t.jsonl.progress.json").exists()
+    # killed after the last group was written but before its progress file was removed
+    monkeypatch.setattr("opsdl.prepare._finish", lambda out: None)
+    monkeypatch.setattr("opsdl.rollout.sample", EchoModel())
+    prepare(PrepareConfig(**CONFIG, out=str(out)))
+    assert (tmp_path / "t.jsonl.progress.json").exists()
+    monkeypatch.undo()
+    nothing_left = EchoModel()
+    monkeypatch.setattr("opsdl.rollout.sample", nothing_left)
+    prepare(PrepareConfig(**CONFIG, out=str(out)))
+    assert nothing_left.calls == 0 and out.read_text() == whole.read_text()
+    assert not (tmp_path / "t.jsonl.progress.json").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(pydoc=None), r"give exactly one of --docs PATH and --pydoc MODULES \(got neither\)"),
+    (dict(docs="x.jsonl"), r"exactly one .*\(got both: --docs x.jsonl --pydoc json\)"),
+    (dict(pydoc=None, docs="{tmp}/missing.jsonl"), r"^--docs .*missing.jsonl: no such file or folder$"),
+    (dict(pydoc=" , "), r"^--pydoc: expected comma-separated module names, got ' , '$"),
+    (dict(segment_tokens=0), r"^--segment-tokens: expected an integer >= 1, got 0$"),
+    (dict(temperature=-1.0), r"^--temperature: expected a number >= 0 \(0: greedy\), got -1.0$"),
+    (dict(device="gpu"), r"^--device: expected cpu, cuda, cuda:N or auto, got 'gpu'$"),
+    (dict(template="{tmp}/missing.txt"), r"^--template .*missing.txt: no such file$"),
+    (dict(template="{tmp}"), r"^--template .*: expected a file, got a folder$"),
+    (dict(template="{tmp}/t.txt"), r"^--template .*t.txt: expected a \{segment\} placeholder, got none$"),
+    (dict(template="{tmp}/braces.txt"), r"^--template .*braces.txt: expected only the \{n\} and \{segment\} "
+                                        r"placeholders .*KeyError: 'topic'$"),
+    (dict(out="{tmp}"), r"^--out .*: expected a JSONL file path, got a folder$"),
+    (dict(out="{tmp}/done.jsonl"), r"^--out .*done.jsonl: exists and has no progress file"),
+])
+def test_bad_options_name_the_option_before_anything_loads(tmp_path, change, message):
+    (tmp_path / "t.txt").write_text("Write {n} questions.")
+    (tmp_path / "braces.txt").write_text("About {topic}: {segment}")
+    (tmp_path / "done.jsonl").write_text('{"id": "a"}\n')
+    change = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in change.items()}
+    cfg = PrepareConfig(**{"pydoc": "json", "out": str(tmp_path / "new.jsonl"), **change})
+    with pytest.raises(DataError, match=message):
+        check_prepare_options(cfg)
+    with pytest.raises(DataError, match=message):  # prepare itself checks first, before torch is used
+        prepare(cfg)
+    assert not (tmp_path / "new.jsonl").exists()
+
+
+def test_a_good_template_and_an_empty_out_pass(tmp_path):
+    (tmp_path / "t.txt").write_text("Write {n} questions about:\n{segment}")
+    (tmp_path / "empty.jsonl").write_text("")  # a run killed before its first group: nothing to lose
+    check_prepare_options(PrepareConfig(pydoc="json", template=str(tmp_path / "t.txt"),
+                                        out=str(tmp_path / "empty.jsonl")))
 
 
 def test_tiny_model_generation_plumbing_and_determinism(tmp_path):
