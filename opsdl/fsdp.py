@@ -91,11 +91,10 @@ class Policy(torch.nn.Module):
             return rows
         head = lm_head(self.model)
         if mode == "sft":
-            return sft_loss(cfg, head, rows, targets, head.weight.dtype, reduction="sum"), torch.zeros(len(targets))
+            return sft_loss(cfg, head, rows, targets, reduction="sum"), torch.zeros(len(targets))
         if mode != "distill":
             raise ValueError(f"mode: expected 'rows', 'distill' or 'sft', got {mode!r}")
-        return distillation_loss(cfg, head, teacher_head or head, rows, teacher_rows, targets, head.weight.dtype,
-                                 reduction="sum")
+        return distillation_loss(cfg, head, teacher_head or head, rows, teacher_rows, targets, reduction="sum")
 
 
 def shard(model: PreTrainedModel, ranks: Ranks, bf16: bool) -> Policy:

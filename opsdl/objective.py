@@ -35,32 +35,81 @@ def packed_rows(model, prompts: list[list[int]], responses: list[list[int]], dev
 
 
 def distillation_loss(cfg: TrainConfig, head: LMHead, teacher_head: LMHead, student_rows, teacher_rows, targets,
-                      compute_dtype, reduction: str = "mean"):
+                      reduction: str = "mean"):
     """The per-token loss over the response rows (mean, or sum) and, from the same fused call, the
     per-row sampled log-ratio log p_s(y) - log p_t(y) (logged; the loss itself when --estimator sampled).
-    The teacher scores with its own lm-head: a frozen or EMA teacher's head, not the student's
-    live one (with tied embeddings the student's head moves every step)."""
+    Both distributions are taken at the rollouts' sampling temperature: the loss scores the
+    distribution the rollouts were drawn from (greedy rollouts, --off-policy, score at 1). The
+    heads come in the compute dtype (``ComputeHeads``); the teacher scores with its own lm-head: a
+    frozen or EMA teacher's head, not the student's live one (with tied embeddings the student's
+    head moves every step)."""
     if teacher_head.softcap != head.softcap:
         raise ValueError(f"teacher: its final-logit softcap {teacher_head.softcap} differs from the student's "
                          f"{head.softcap}; the fused loss applies one softcap to both")
     shared = teacher_head.weight is head.weight  # the live teacher: one weight, read once
-    teacher_weight = None if shared else _cast(teacher_head.weight, compute_dtype)
-    return fused_rkl_loss(student_rows.to(compute_dtype), teacher_rows.to(compute_dtype),
-                          _cast(head.weight, compute_dtype), teacher_weight, targets=targets,
-                          estimator=cfg.estimator, softcap=head.softcap, bias=_cast(head.bias, compute_dtype),
-                          teacher_bias=_cast(teacher_head.bias, compute_dtype), impl=cfg.impl, reduction=reduction,
-                          return_log_ratio=True)
+    dtype = head.weight.dtype
+    return fused_rkl_loss(student_rows.to(dtype), teacher_rows.to(dtype), head.weight,
+                          None if shared else teacher_head.weight, targets=targets, estimator=cfg.estimator,
+                          temperature=cfg.temperature or 1.0, softcap=head.softcap, bias=head.bias,
+                          teacher_bias=teacher_head.bias, impl=cfg.impl, reduction=reduction, return_log_ratio=True)
 
 
-def sft_loss(cfg: TrainConfig, head: LMHead, student_rows, targets, compute_dtype, reduction: str = "mean"):
+def sft_loss(cfg: TrainConfig, head: LMHead, student_rows, targets, reduction: str = "mean"):
     """The baseline: cross-entropy of the gold answer tokens under the long context (mean, or sum)."""
-    return -fused_token_logprobs(student_rows.to(compute_dtype), _cast(head.weight, compute_dtype), targets,
-                                 softcap=head.softcap, impl=cfg.impl, reduction=reduction,
-                                 bias=_cast(head.bias, compute_dtype))
+    return -fused_token_logprobs(student_rows.to(head.weight.dtype), head.weight, targets, softcap=head.softcap,
+                                 impl=cfg.impl, reduction=reduction, bias=head.bias)
+
+
+class ComputeHeads:
+    """The student's and the teacher's lm-heads in the compute dtype, cast once per optimizer step
+    (``refresh``) rather than once per loss call: at 128K x 4096 each cast is 1 GiB of bf16 and a
+    V x H fp32 gradient temporary. The student's bf16 copy is a leaf whose gradient, once a
+    micro-batch's backward has formed it, is added into the float32 master weight's ``.grad`` and
+    dropped. A teacher head is recast only when its weights changed (an EMA update); a frozen one
+    once per run. In float32 the heads are the model's own tensors."""
+
+    def __init__(self, student: LMHead, teacher: Optional[LMHead], dtype: torch.dtype):
+        self.masters, self.dtype = (student, teacher), dtype
+        self.student, self.teacher = student, teacher
+        self._teacher_version: Optional[tuple] = None
+
+    def refresh(self) -> None:
+        student, teacher = self.masters
+        if self.dtype == student.weight.dtype:
+            return
+        self.student = LMHead(_leaf_copy(student.weight, self.dtype), _leaf_copy(student.bias, self.dtype),
+                              student.softcap)
+        if teacher is None:
+            return
+        if teacher.weight is student.weight:  # live: the student's own head
+            self.teacher = self.student
+            return
+        version = tuple(t._version for t in (teacher.weight, teacher.bias) if t is not None)
+        if version != self._teacher_version:
+            self.teacher = LMHead(_cast(teacher.weight, self.dtype), _cast(teacher.bias, self.dtype), teacher.softcap)
+            self._teacher_version = version
+
+
+def _leaf_copy(master: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A ``dtype`` copy of a trained tensor whose gradients land in the master's ``.grad``."""
+    if master is None:
+        return None
+    copy_ = master.detach().to(dtype).requires_grad_(master.requires_grad)
+
+    def into_master(leaf: torch.Tensor) -> None:
+        if master.grad is None:
+            master.grad = leaf.grad.to(master.dtype)
+        else:
+            master.grad.add_(leaf.grad)
+        leaf.grad = None
+
+    if master.requires_grad:
+        copy_.register_post_accumulate_grad_hook(into_master)
+    return copy_
 
 
 def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
+    return None if t is None else t.detach().to(dtype)
 
 
 @dataclass
@@ -88,8 +137,10 @@ def load_teacher_model(cfg: TrainConfig, student, tokenizer, dtype, device):
 def build_teacher(cfg: TrainConfig, student, tokenizer, resume_from: Optional[Path], device,
                   dtype) -> Optional[Teacher]:
     """live: the student's current weights; frozen: its initial weights (reloaded on resume), or
-    --teacher-model; ema: a moving average, restored from the checkpoint on resume. A separate
-    teacher is checked to share the student's tokenizer and vocabulary."""
+    --teacher-model; ema: a moving average, restored from the checkpoint on resume, kept in float32
+    (a bf16 average would drop most of each step's (1 - decay) move). A frozen or separate teacher
+    is held in ``dtype``, the compute dtype: it is never updated. A separate teacher is checked to
+    share the student's tokenizer and vocabulary."""
     if cfg.objective == "sft":
         return None
     if cfg.teacher == "live":
@@ -97,12 +148,14 @@ def build_teacher(cfg: TrainConfig, student, tokenizer, resume_from: Optional[Pa
     if cfg.teacher_model:
         teacher = load_teacher_model(cfg, student, tokenizer, dtype, device)
     elif cfg.teacher == "ema" and resume_from is not None:
-        teacher = AutoModelForCausalLM.from_pretrained(resume_from / "ema", dtype=dtype).to(device)
+        teacher = AutoModelForCausalLM.from_pretrained(resume_from / "ema", dtype=torch.float32).to(device)
     elif resume_from is not None:  # frozen: the initial weights, as the first run had them
         teacher = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, rope_factor=cfg.rope_factor,
                              trust_remote_code=cfg.trust_remote_code)[0]
     else:
         teacher = copy.deepcopy(student)
+    if cfg.teacher != "ema":
+        teacher.to(dtype)
     teacher.eval().requires_grad_(False)
     return Teacher(teacher, lm_head(teacher), ema=cfg.teacher == "ema" and not cfg.teacher_model)
 

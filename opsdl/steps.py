@@ -2,6 +2,7 @@
 a step adds up to and logs, checkpoint cadence, interruption and the run's summary."""
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import resource
@@ -43,6 +44,12 @@ def prepare_prompts(cfg: TrainConfig, examples: list[Example], tokenizer) -> tup
     if not kept:
         raise ValueError(f"no example fits --max-length {cfg.max_length} ({dropped} dropped)")
     return kept, dropped
+
+
+def sampling_seed(seed: int, step: int, rank: int, micro_batch: int) -> int:
+    """The rollouts' seed of one micro-batch of a step on a rank, drawn from all four: no two ranks,
+    steps or micro-batches share one, and a resumed run draws the samples it would have drawn."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}:{micro_batch}".encode()).digest()[:7], "big")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

@@ -22,11 +22,13 @@ from .checkpoint import (append_log, claim_output_dir, is_sharded, latest_checkp
                          prune_checkpoints, resume_point, rewind_log, save_checkpoint)
 from .data import answer_found, load_examples
 from .model import check_model_source, enable_checkpointing, lm_head, load_model, resolve_device
-from .objective import build_teacher, distillation_loss, gold_answer_ids, packed_rows, sft_loss, update_ema
+from .objective import ComputeHeads, build_teacher, distillation_loss, gold_answer_ids, packed_rows, sft_loss, update_ema
 from .options import TrainConfig, check_train_options
-from .rollout import sample, stop_ids, turn_end_id
+from .precision import compute_dtype as choose_compute_dtype
+from .rollout import stop_ids, turn_end_id
+from .rollout_engines import open_rollout_engine, resolve_rollout_engine
 from .steps import (StepStats, checkpoint_due, draw_prompts, interrupted, learning_rate, prepare_prompts,
-                    step_record, summarize, synthetic_examples)
+                    sampling_seed, step_record, summarize, synthetic_examples)
 
 __all__ = ["TrainConfig", "train", "latest_checkpoint"]
 
@@ -35,6 +37,8 @@ def train(cfg: TrainConfig) -> dict:
     # ---- everything that can be refused is refused before the model loads ----------------------
     check_train_options(cfg)
     device = resolve_device(cfg.device)
+    compute_dtype, precision = choose_compute_dtype(cfg.bf16, device)
+    engine_name = resolve_rollout_engine(cfg)
     check_model_source(cfg.model)
     if cfg.teacher_model:
         check_model_source(cfg.teacher_model, "--teacher-model")
@@ -60,10 +64,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    head = lm_head(model)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != model.dtype)
 
     # ---- teacher: the same weights (live), the initial weights or --teacher-model (frozen), EMA --
-    teacher = build_teacher(cfg, model, tokenizer, resume_from, device, model.dtype)
+    teacher = build_teacher(cfg, model, tokenizer, resume_from, device, compute_dtype)
+    heads = ComputeHeads(lm_head(model), teacher.head if teacher else None, compute_dtype)
 
     # ---- data ----------------------------------------------------------------------------------
     items, dropped = prepare_prompts(cfg, file_examples or synthetic_examples(cfg, tokenizer), tokenizer)
@@ -76,11 +81,13 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
     elif state:
         print(f"opsdl train: {resume_from} holds no optimizer state (--no-save-optimizer); AdamW starts afresh")
-    compute_dtype = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else head.weight.dtype
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    # ---- rollouts: generate on this model, or a vLLM engine holding its own copy of the weights ---
+    engine = open_rollout_engine(engine_name, cfg, model, tokenizer, compute_dtype) if cfg.objective == "opsdl" \
+        else None
     print(f"opsdl train: {len(items)} examples ({dropped} dropped as too long), objective={cfg.objective}, "
           f"teacher={cfg.teacher_model or cfg.teacher}, estimator={cfg.estimator}, steps {start_step}->{cfg.steps}, "
-          f"device={device}, dtype={model.dtype}, out={out}")
+          f"device={device}, out={out}\nopsdl train: compute: {precision}; rollouts: "
+          f"{engine.name if engine else 'none (sft)'}")
 
     history = []
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="opsdl train")
@@ -90,21 +97,20 @@ def train(cfg: TrainConfig) -> dict:
             started = time.perf_counter()
             # each step draws its prompts and its samples from its own seed: a resumed run repeats them
             picker = random.Random(f"{cfg.seed}:{step}")
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
             stats = StepStats()
+            heads.refresh()  # the heads in the compute dtype, once per step
 
             # 1. the step's responses, every micro-batch's before any backward (the same weights):
             #    the gold answers (sft) or on-policy rollouts under the long context
             micro_batches = []
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = draw_prompts(items, picker, cfg.batch_size)
                 if cfg.objective == "sft":
                     owners, responses = batch, [gold_answer_ids(tokenizer, o.example, turn_end) for o in batch]
                 else:
                     rollout_started = time.perf_counter()
-                    rollouts = sample(model, tokenizer, [b.student for b in batch], temperature=cfg.temperature,
-                                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                      samples_per_prompt=cfg.samples_per_prompt)
+                    rollouts = engine.sample([b.student for b in batch], cfg.samples_per_prompt,
+                                             seed=sampling_seed(cfg.seed, step, 0, micro))
                     stats.rollout_seconds += time.perf_counter() - rollout_started
                     owners, responses = [batch[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts]
                 micro_batches.append((owners, responses))
@@ -117,7 +123,7 @@ def train(cfg: TrainConfig) -> dict:
                     # baseline: cross-entropy on the gold answers under the long context, no teacher
                     with autocast:
                         student_rows = packed_rows(model, [o.student for o in owners], responses, device)
-                    loss_sum = sft_loss(cfg, head, student_rows, targets, compute_dtype, reduction="sum")
+                    loss_sum = sft_loss(cfg, heads.student, student_rows, targets, reduction="sum")
                     log_ratio = torch.zeros(len(targets))
                     tokens = sum(len(o.student) + len(r) for o, r in zip(owners, responses))
                 else:
@@ -130,8 +136,8 @@ def train(cfg: TrainConfig) -> dict:
                         student_rows = packed_rows(model, [o.student for o in owners], responses, device)
 
                     # 4. per-token reverse KL at the response rows, the teacher with its own head
-                    loss_sum, log_ratio = distillation_loss(cfg, head, teacher.head, student_rows, teacher_rows,
-                                                            targets, compute_dtype, reduction="sum")
+                    loss_sum, log_ratio = distillation_loss(cfg, heads.student, heads.teacher, student_rows,
+                                                            teacher_rows, targets, reduction="sum")
                     tokens = sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
                 (loss_sum / step_rows).backward()
 
@@ -149,6 +155,8 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if teacher is not None and teacher.ema:
                 update_ema(teacher.model, model, cfg.ema_decay)
+            if engine is not None:
+                engine.update(model)  # the next rollouts come from the new weights
 
             record = step_record(cfg, stats, step, lr, float(grad_norm), time.perf_counter() - started, device, out)
             history.append(record)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import random
 import time
@@ -32,11 +31,13 @@ from .data import answer_found, load_examples
 from .fsdp import Ranks, all_reduce, gathered_for_rollouts, init_ranks, shard, whole
 from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_checkpoint
 from .model import check_model_source, enable_checkpointing, lm_head, load_model
-from .options import TrainConfig, check_train_options
-from .rollout import sample, stop_ids, turn_end_id
 from .objective import gold_answer_ids, load_teacher_model, update_ema
-from .steps import (StepStats, checkpoint_due, draw_prompts, interrupted, learning_rate, prepare_prompts, step_record,
-                    summarize, synthetic_examples)
+from .options import TrainConfig, check_train_options
+from .precision import compute_dtype as choose_compute_dtype
+from .rollout import stop_ids, turn_end_id
+from .rollout_engines import open_rollout_engine, resolve_rollout_engine
+from .steps import (StepStats, checkpoint_due, draw_prompts, interrupted, learning_rate, prepare_prompts,
+                    sampling_seed, step_record, summarize, synthetic_examples)
 
 __all__ = ["train_fsdp"]
 
@@ -57,6 +58,9 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     if cfg.teacher_model:
         check_model_source(cfg.teacher_model, "--teacher-model")
     file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None
+    compute_dtype, precision = choose_compute_dtype(cfg.bf16, ranks.device)
+    bf16 = compute_dtype == torch.bfloat16
+    engine_name = resolve_rollout_engine(cfg)
     out = Path(cfg.out)
     resume_from = resume_point(out, cfg.resume)
     if resume_from is not None and not is_sharded(resume_from):
@@ -76,15 +80,15 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     turn_end = turn_end_id(tokenizer, stop_ids(model, tokenizer))
-    policy = shard(model.train(), ranks, cfg.bf16)
+    policy = shard(model.train(), ranks, bf16)
     teacher = policy  # live, or sft (no teacher)
     if cfg.objective == "opsdl" and cfg.teacher_model:
         teacher = shard(load_teacher_model(cfg, model, tokenizer, model.dtype, "cpu").eval().requires_grad_(False),
-                        ranks, cfg.bf16)
+                        ranks, bf16)
     elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):  # initial weights (EMA: then its checkpoint)
         initial = load_model(cfg.model, dtype=cfg.dtype, device="cpu", seed=cfg.seed, rope_factor=cfg.rope_factor,
                              trust_remote_code=cfg.trust_remote_code)[0]
-        teacher = shard(initial.eval().requires_grad_(False), ranks, cfg.bf16)
+        teacher = shard(initial.eval().requires_grad_(False), ranks, bf16)
     ema = teacher if cfg.objective == "opsdl" and cfg.teacher == "ema" and not cfg.teacher_model else None
 
     items, dropped = prepare_prompts(cfg, file_examples or synthetic_examples(cfg, tokenizer), tokenizer)
@@ -93,11 +97,20 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_from and not load_sharded_checkpoint(resume_from, policy, optimizer, ema) and ranks.main:
         print(f"opsdl train: {resume_from} holds no optimizer state (--no-save-optimizer); AdamW starts afresh")
+    # rollouts: generate on the gathered model, or one vLLM engine per rank (data parallel), each
+    # holding its own whole copy of the weights, updated after every optimizer step
+    engine = None
+    if cfg.objective == "opsdl":
+        once = cfg.rollout_gather == "once"
+        with gathered_for_rollouts(policy, once=True) if engine_name == "vllm" else contextlib.nullcontext():
+            engine = open_rollout_engine(engine_name, cfg, policy.model, tokenizer, compute_dtype,
+                                         synced_gpus=not once and ranks.world > 1)
     if ranks.main:
         print(f"opsdl train: {ranks.world} ranks ({ranks.device.type}), {len(items)} examples ({dropped} dropped as "
               f"too long), objective={cfg.objective}, teacher={cfg.teacher_model or cfg.teacher}, "
               f"estimator={cfg.estimator}, steps {start_step}->{cfg.steps}, {cfg.batch_size} prompts per rank and "
-              f"micro-batch, out={out}")
+              f"micro-batch, out={out}\nopsdl train: compute: {precision}; rollouts: "
+              f"{engine.name + ' on every rank' if engine else 'none (sft)'}")
 
     history = []
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="opsdl train",
@@ -109,25 +122,21 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
             # the step's prompts come from its own seed, the same on every rank; rank r takes the
             # r-th slice. Each rank samples with its own seed (rank 0 with the one-process seed).
             picker = random.Random(f"{cfg.seed}:{step}")
-            torch.manual_seed(sampling_seed(cfg.seed, step, ranks.rank))
             stats = StepStats()
 
             # 1. the step's responses, every micro-batch's before any backward: the gold answers (sft)
             #    or on-policy rollouts under the long context
             micro_batches = []
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 everyone = draw_prompts(items, picker, cfg.batch_size * ranks.world)
                 batch = everyone[ranks.rank * cfg.batch_size:(ranks.rank + 1) * cfg.batch_size]
                 if cfg.objective == "sft":
                     owners, responses = batch, [gold_answer_ids(tokenizer, b.example, turn_end) for b in batch]
                 else:
                     rollout_started = time.perf_counter()
-                    once = cfg.rollout_gather == "once"
-                    with gathered_for_rollouts(policy, once=once):
-                        rollouts = sample(policy.model, tokenizer, [b.student for b in batch],
-                                          temperature=cfg.temperature, top_p=cfg.top_p,
-                                          max_new_tokens=cfg.max_new_tokens, samples_per_prompt=cfg.samples_per_prompt,
-                                          synced_gpus=not once and ranks.world > 1)
+                    seed = sampling_seed(cfg.seed, step, ranks.rank, micro)
+                    with gathered_for_rollouts(policy, once=once) if engine.name == "hf" else contextlib.nullcontext():
+                        rollouts = engine.sample([b.student for b in batch], cfg.samples_per_prompt, seed)
                     stats.rollout_seconds += time.perf_counter() - rollout_started
                     owners, responses = [batch[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts]
                 micro_batches.append((owners, responses))
@@ -169,6 +178,9 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 update_ema(ema, policy, cfg.ema_decay)
+            if engine is not None and engine.name != "hf":
+                with gathered_for_rollouts(policy, once=True):
+                    engine.update(policy.model)
 
             # the step's sums over all ranks; the rollout time is the slowest rank's
             summed = StepStats(*all_reduce(list(dataclasses.astuple(stats)), ranks))
@@ -195,10 +207,3 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
         print(json.dumps(summary, indent=1))
     return summary
 
-
-def sampling_seed(seed: int, step: int, rank: int) -> int:
-    """The rollouts' seed of a step on a rank: rank 0 the one-process seed, every other rank one drawn
-    from (seed, step, rank), so no two ranks or steps share one."""
-    if rank == 0:
-        return seed * 1_000_003 + step
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:7], "big")

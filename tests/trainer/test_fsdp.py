@@ -29,7 +29,8 @@ MODELS = [("llama", True), ("llama", False), ("gemma2", True), ("gemma2", False)
 VARIANTS = {"sft": dict(objective="sft"), "live teacher, 2 micro-batches": dict(teacher="live", grad_accum=2),
             "per-layer rollouts": dict(rollout_gather="per-layer"), "sampled estimator": dict(estimator="sampled")}
 # large enough a rate that two steps move every trained weight by ~1e-3: a 1e-5 agreement is a real one
-RUN = dict(device="cpu", steps=2, context_tokens=64, num_examples=8, max_new_tokens=6, temperature=0.0, lr=1e-3,
+RUN = dict(device="cpu", steps=2, context_tokens=64, num_examples=8, max_new_tokens=6, temperature=0.0, off_policy=True,
+           bf16=False, lr=1e-3,
            impl="torch", seed=3)
 
 

@@ -1,6 +1,8 @@
 """Batched, left-padded sampling answers each prompt as it would alone."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -84,3 +86,60 @@ def test_turn_end_token_comes_from_the_chat_template(tiny):
         assert turn_end_id(tokenizer, [7, endoftext]) == 7
     finally:
         tokenizer.chat_template = template
+
+
+# ---- on-policy: the samples are drawn from softmax(logits / T), whatever the generation config says
+
+def _peaked_tiny_model() -> tuple[torch.nn.Module, SimpleNamespace]:
+    """A 64-token Llama whose next-token distribution has a dozen tokens of real mass (its final
+    norm scaled up), and a stand-in tokenizer with the two ids ``sample`` reads."""
+    from transformers import AutoModelForCausalLM
+
+    from opsdl.model import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=64)).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0)
+    model.generation_config.eos_token_id = 1
+    return model, SimpleNamespace(pad_token_id=0, eos_token_id=1)
+
+
+def _first_token_counts(model, tokenizer, prompt: list[int], temperature: float, n: int) -> torch.Tensor:
+    counts = torch.zeros(model.config.vocab_size)
+    torch.manual_seed(11)
+    for _ in range(n // 1000):
+        for r in sample(model, tokenizer, [prompt], temperature=temperature, max_new_tokens=1,
+                        samples_per_prompt=1000):
+            counts[r.tokens[0]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_samples_follow_softmax_at_the_temperature_despite_the_generation_config(temperature):
+    """4,000 first tokens from one prompt against softmax(logits / T): a chi-square test at p > 1e-3,
+    with the model's generation config asking for top_k 3, repetition_penalty 2 and the likeliest
+    token suppressed (Qwen2.5-Instruct ships a repetition penalty: applied, such options make the
+    samples off-policy; with the config left in force this test fails). The same test rejects samples
+    drawn at 1.25 T (p < 1e-6): it has the power to see a wrong distribution."""
+    from tests.trainer.chi_square import chi_square_p_value
+
+    model, tokenizer = _peaked_tiny_model()
+    prompt = [5, 17, 42, 9, 33, 17, 8]
+    with torch.no_grad():
+        likely = model(torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist()
+        prompt = prompt + likely  # the penalty below would lower tokens that carry mass
+        logits = model(torch.tensor([prompt])).logits[0, -1].double()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    assert probs.max() < 0.5 and (probs * 4000 >= 5).sum() >= 8  # several tokens carry mass
+    assert probs[likely].sum() > 0.1
+    model.generation_config.top_k = 3
+    model.generation_config.repetition_penalty = 2.0
+    model.generation_config.suppress_tokens = [int(logits.argmax())]
+    model.generation_config.do_sample = True
+
+    p_value, df = chi_square_p_value(_first_token_counts(model, tokenizer, prompt, temperature, 4000), probs)
+    assert p_value > 1e-3, (p_value, df)
+    assert model.generation_config.top_k == 3  # the model's own config is left as it was
+    wrong, _ = chi_square_p_value(_first_token_counts(model, tokenizer, prompt, 1.25 * temperature, 4000), probs)
+    assert wrong < 1e-6, wrong

@@ -9,10 +9,12 @@ from safetensors.torch import load_file
 
 from opsdl.cli import main
 from opsdl.model import load_model
+from opsdl.precision import cpu_bf16_units
 from opsdl.train import TrainConfig, train
 
+# float32 compute: the same numbers on every CPU (--bf16's default follows the CPU's bf16 units)
 TINY = dict(model="tiny:llama", context_tokens=64, num_examples=6, max_new_tokens=5, batch_size=2,
-            lr=1e-3, device="cpu")
+            lr=1e-3, device="cpu", bf16=False)
 
 
 def _weights(checkpoint) -> dict:
@@ -230,24 +232,49 @@ def test_a_separate_teacher_model_scores_with_its_own_weights(tmp_path, monkeypa
         train(TrainConfig(**TINY, steps=1, teacher_model=str(other), out=str(tmp_path / "run2")))
 
 
-def test_bfloat16_weights_teacher_and_optimizer_state(tmp_path, monkeypatch):
+def test_bf16_compute_over_float32_master_weights(tmp_path, monkeypatch):
     import opsdl.objective as objective
 
-    dtypes = []
-    real = objective.fused_rkl_loss
+    if not cpu_bf16_units():
+        pytest.skip("this CPU has no bf16 units: --bf16 would run bf16 products in reference loops")
+    calls, casts = [], []
+    real_loss, real_copy = objective.fused_rkl_loss, objective._leaf_copy
 
     def spy(student, teacher_rows, weight, teacher_weight=None, **kwargs):
-        dtypes.append((student.dtype, teacher_rows.dtype, weight.dtype, teacher_weight.dtype))
-        return real(student, teacher_rows, weight, teacher_weight, **kwargs)
+        calls.append((student.dtype, teacher_rows.dtype, weight.dtype, teacher_weight.dtype, kwargs["temperature"]))
+        return real_loss(student, teacher_rows, weight, teacher_weight, **kwargs)
+
+    def counted_copy(master, dtype):
+        casts.append(None if master is None else tuple(master.shape))
+        return real_copy(master, dtype)
 
     monkeypatch.setattr(objective, "fused_rkl_loss", spy)
-    train(TrainConfig(**TINY, steps=2, dtype="bfloat16", teacher="ema", out=str(tmp_path)))
-    assert dtypes == [(torch.bfloat16,) * 4] * 2
+    monkeypatch.setattr(objective, "_leaf_copy", counted_copy)
+    cfg = {**TINY, "bf16": True}
+    train(TrainConfig(**cfg, steps=2, grad_accum=2, teacher="ema", temperature=0.8, out=str(tmp_path)))
+    # four loss calls (2 steps x 2 micro-batches), all in bf16, at the sampling temperature
+    assert calls == [(torch.bfloat16,) * 4 + (0.8,)] * 4
+    # the student's head cast once per step, not once per micro-batch (its bias: None)
+    weight_casts = [c for c in casts if c is not None]
+    assert len(weight_casts) == 2
     checkpoint = tmp_path / "checkpoint-000002"
-    assert {v.dtype for v in _weights(checkpoint).values()} == {torch.bfloat16}
-    assert {v.dtype for v in load_file(str(checkpoint / "ema" / "model.safetensors")).values()} == {torch.bfloat16}
+    assert {v.dtype for v in _weights(checkpoint).values()} == {torch.float32}
+    assert {v.dtype for v in load_file(str(checkpoint / "ema" / "model.safetensors")).values()} == {torch.float32}
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
-    assert {s["exp_avg"].dtype for s in state.values()} == {torch.bfloat16}
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
+def test_16bit_master_weights_are_refused_naming_bf16(tmp_path, dtype):
+    with pytest.raises(ValueError, match=f"--dtype {dtype}: training needs float32 master weights.*--bf16"):
+        train(TrainConfig(**TINY, steps=1, dtype=dtype, out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(top_p=0.9)])
+def test_off_policy_rollouts_are_refused_unless_asked_for(tmp_path, sampling):
+    with pytest.raises(ValueError, match="not be drawn from the distribution the loss scores.*--off-policy"):
+        train(TrainConfig(**TINY, steps=1, out=str(tmp_path), **sampling))
+    train(TrainConfig(**TINY, steps=1, off_policy=True, out=str(tmp_path / "ok"), **sampling))
 
 
 def test_output_files_respect_the_umask(tmp_path):
@@ -322,14 +349,14 @@ def test_the_loss_is_the_mean_over_the_steps_tokens_whatever_the_micro_batches(t
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
     if objective == "opsdl":  # responses of 1 to 12 tokens, each prompt's the same in both runs
-        import opsdl.train as loop
+        import opsdl.rollout_engines as engines
         from opsdl.rollout import Rollout
 
         def rollouts(model, tokenizer, prompts, **options):
             return [Rollout(i, [(7 * len(p) + k) % 60 + 3 for k in range(len(p) % 12 + 1)], True)
                     for i, p in enumerate(prompts)]
 
-        monkeypatch.setattr(loop, "sample", rollouts)
+        monkeypatch.setattr(engines, "sample", rollouts)
     base = dict(TINY, data=str(data), steps=1, objective=objective, max_new_tokens=12)
     logs = []
     for batch, accum in ((4, 1), (1, 4)):
