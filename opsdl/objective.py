@@ -151,7 +151,7 @@ def build_teacher(cfg: TrainConfig, student, tokenizer, resume_from: Optional[Pa
         teacher = AutoModelForCausalLM.from_pretrained(resume_from / "ema", dtype=torch.float32).to(device)
     elif resume_from is not None:  # frozen: the initial weights, as the first run had them
         teacher = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, rope_factor=cfg.rope_factor,
-                             trust_remote_code=cfg.trust_remote_code)[0]
+                             trust_remote_code=cfg.trust_remote_code, tokenizer_path=cfg.tokenizer)[0]
     else:
         teacher = copy.deepcopy(student)
     if cfg.teacher != "ema":

@@ -2,13 +2,15 @@
 a step adds up to and logs, checkpoint cadence, interruption and the run's summary."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -75,7 +77,14 @@ class StepStats:
     responses: float = 0.0
     answers_found: float = 0.0  # responses holding the expected answer(s), of
     answers_checked: float = 0.0  # the responses that could be checked
+    # seconds of each phase (``timed``); the rest of a step is bookkeeping
     rollout_seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    student_seconds: float = 0.0  # the student's forward to its final hidden states
+    loss_seconds: float = 0.0  # the fused loss's forward
+    backward_seconds: float = 0.0  # the loss's and the student's backward
+    optimizer_seconds: float = 0.0  # clipping, AdamW, the EMA update
+    push_seconds: float = 0.0  # the new weights into the rollout engine
 
     def add(self, loss_sum: float, log_ratio_sum: float, responses: list[list[int]], tokens: int,
             found: list[Optional[bool]]) -> None:
@@ -87,6 +96,25 @@ class StepStats:
         checked = [f for f in found if f is not None]
         self.answers_found += sum(checked)
         self.answers_checked += len(checked)
+
+
+PHASES = ("rollout", "teacher", "student", "loss", "backward", "optimizer", "push")
+
+
+@contextlib.contextmanager
+def timed(stats: StepStats, phase: str, device: torch.device) -> Iterator[None]:
+    """Adds the block's seconds to ``stats.<phase>_seconds``; on CUDA it waits for the queued work
+    before and after (one synchronisation per phase, a few per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        name = f"{phase}_seconds"
+        setattr(stats, name, getattr(stats, name) + time.perf_counter() - started)
 
 
 def step_record(cfg: TrainConfig, stats: StepStats, step: int, lr: float, grad_norm: float, seconds: float,
@@ -107,6 +135,7 @@ def step_record(cfg: TrainConfig, stats: StepStats, step: int, lr: float, grad_n
         "lr": lr,
         "seconds": seconds,
         "rollout_seconds": stats.rollout_seconds,
+        "phase_seconds": {phase: getattr(stats, f"{phase}_seconds") for phase in PHASES},
         "tokens_per_s": stats.tokens / seconds,
         "peak_memory_mib": peak_memory_mib(device),
     }

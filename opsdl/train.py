@@ -21,14 +21,15 @@ from tqdm import tqdm
 from .checkpoint import (append_log, claim_output_dir, is_sharded, latest_checkpoint, load_trainer_state,
                          prune_checkpoints, resume_point, rewind_log, save_checkpoint)
 from .data import answer_found, load_examples
-from .model import check_model_source, enable_checkpointing, lm_head, load_model, resolve_device
+from .model import (check_model_source, check_tokenizer_source, enable_checkpointing, lm_head, load_model,
+                    resolve_device)
 from .objective import ComputeHeads, build_teacher, distillation_loss, gold_answer_ids, packed_rows, sft_loss, update_ema
 from .options import TrainConfig, check_train_options
 from .precision import compute_dtype as choose_compute_dtype
 from .rollout import stop_ids, turn_end_id
 from .rollout_engines import open_rollout_engine, resolve_rollout_engine
 from .steps import (StepStats, checkpoint_due, draw_prompts, interrupted, learning_rate, prepare_prompts,
-                    sampling_seed, step_record, summarize, synthetic_examples)
+                    sampling_seed, step_record, summarize, synthetic_examples, timed)
 
 __all__ = ["TrainConfig", "train", "latest_checkpoint"]
 
@@ -40,6 +41,7 @@ def train(cfg: TrainConfig) -> dict:
     compute_dtype, precision = choose_compute_dtype(cfg.bf16, device)
     engine_name = resolve_rollout_engine(cfg)
     check_model_source(cfg.model)
+    check_tokenizer_source(cfg.tokenizer, cfg.model)
     if cfg.teacher_model:
         check_model_source(cfg.teacher_model, "--teacher-model")
     file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None  # names a bad line
@@ -56,7 +58,7 @@ def train(cfg: TrainConfig) -> dict:
     # (a checkpoint's config already records its RoPE scaling)
     model, tokenizer = load_model(str(resume_from) if resume_from else cfg.model, dtype=cfg.dtype, device=device,
                                   seed=cfg.seed, rope_factor=1.0 if resume_from else cfg.rope_factor,
-                                  trust_remote_code=cfg.trust_remote_code)
+                                  trust_remote_code=cfg.trust_remote_code, tokenizer_path=cfg.tokenizer)
     state = load_trainer_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
     if cfg.resume:  # the log lines after the checkpoint (all of them when there is none) are run again
@@ -108,10 +110,9 @@ def train(cfg: TrainConfig) -> dict:
                 if cfg.objective == "sft":
                     owners, responses = batch, [gold_answer_ids(tokenizer, o.example, turn_end) for o in batch]
                 else:
-                    rollout_started = time.perf_counter()
-                    rollouts = engine.sample([b.student for b in batch], cfg.samples_per_prompt,
-                                             seed=sampling_seed(cfg.seed, step, 0, micro))
-                    stats.rollout_seconds += time.perf_counter() - rollout_started
+                    with timed(stats, "rollout", device):
+                        rollouts = engine.sample([b.student for b in batch], cfg.samples_per_prompt,
+                                                 seed=sampling_seed(cfg.seed, step, 0, micro))
                     owners, responses = [batch[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts]
                 micro_batches.append((owners, responses))
             # the loss is the mean over the step's response tokens, whatever the micro-batch holding them
@@ -121,25 +122,28 @@ def train(cfg: TrainConfig) -> dict:
                 targets = torch.tensor([t for r in responses for t in r], device=device)
                 if cfg.objective == "sft":
                     # baseline: cross-entropy on the gold answers under the long context, no teacher
-                    with autocast:
+                    with timed(stats, "student", device), autocast:
                         student_rows = packed_rows(model, [o.student for o in owners], responses, device)
-                    loss_sum = sft_loss(cfg, heads.student, student_rows, targets, reduction="sum")
+                    with timed(stats, "loss", device):
+                        loss_sum = sft_loss(cfg, heads.student, student_rows, targets, reduction="sum")
                     log_ratio = torch.zeros(len(targets))
                     tokens = sum(len(o.student) + len(r) for o, r in zip(owners, responses))
                 else:
                     # 2. teacher: [short-context prompt ; y], no gradient
-                    with torch.no_grad(), autocast:
+                    with timed(stats, "teacher", device), torch.no_grad(), autocast:
                         teacher_rows = packed_rows(teacher.model, [o.teacher for o in owners], responses, device)
 
                     # 3. student: [long-context prompt ; y], with gradient
-                    with autocast:
+                    with timed(stats, "student", device), autocast:
                         student_rows = packed_rows(model, [o.student for o in owners], responses, device)
 
                     # 4. per-token reverse KL at the response rows, the teacher with its own head
-                    loss_sum, log_ratio = distillation_loss(cfg, heads.student, heads.teacher, student_rows,
-                                                            teacher_rows, targets, reduction="sum")
+                    with timed(stats, "loss", device):
+                        loss_sum, log_ratio = distillation_loss(cfg, heads.student, heads.teacher, student_rows,
+                                                                teacher_rows, targets, reduction="sum")
                     tokens = sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
-                (loss_sum / step_rows).backward()
+                with timed(stats, "backward", device):
+                    (loss_sum / step_rows).backward()
 
                 # the drift signal: do the model's own answers hold the expected ones?
                 found = [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
@@ -150,13 +154,15 @@ def train(cfg: TrainConfig) -> dict:
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if teacher is not None and teacher.ema:
-                update_ema(teacher.model, model, cfg.ema_decay)
+            with timed(stats, "optimizer", device):
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if teacher is not None and teacher.ema:
+                    update_ema(teacher.model, model, cfg.ema_decay)
             if engine is not None:
-                engine.update(model)  # the next rollouts come from the new weights
+                with timed(stats, "push", device):
+                    engine.update(model)  # the next rollouts come from the new weights
 
             record = step_record(cfg, stats, step, lr, float(grad_norm), time.perf_counter() - started, device, out)
             history.append(record)

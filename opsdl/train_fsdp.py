@@ -30,14 +30,14 @@ from .checkpoint import (append_log, claim_output_dir, is_sharded, load_trainer_
 from .data import answer_found, load_examples
 from .fsdp import Ranks, all_reduce, gathered_for_rollouts, init_ranks, shard, whole
 from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_checkpoint
-from .model import check_model_source, enable_checkpointing, lm_head, load_model
+from .model import check_model_source, check_tokenizer_source, enable_checkpointing, lm_head, load_model
 from .objective import gold_answer_ids, load_teacher_model, update_ema
 from .options import TrainConfig, check_train_options
 from .precision import compute_dtype as choose_compute_dtype
 from .rollout import stop_ids, turn_end_id
 from .rollout_engines import open_rollout_engine, resolve_rollout_engine
 from .steps import (StepStats, checkpoint_due, draw_prompts, interrupted, learning_rate, prepare_prompts,
-                    sampling_seed, step_record, summarize, synthetic_examples)
+                    PHASES, sampling_seed, step_record, summarize, synthetic_examples, timed)
 
 __all__ = ["train_fsdp"]
 
@@ -55,6 +55,7 @@ def train_fsdp(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     # ---- refused before any model loads, on every rank alike ----------------------------------
     check_model_source(cfg.model)
+    check_tokenizer_source(cfg.tokenizer, cfg.model)
     if cfg.teacher_model:
         check_model_source(cfg.teacher_model, "--teacher-model")
     file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None
@@ -76,7 +77,8 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     # ---- models: loaded whole on the CPU by each rank, then sharded layer by layer; the teacher
     #      after the student is sharded, so that a rank holds one whole model at a time -----------
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device="cpu", seed=cfg.seed,
-                                  rope_factor=cfg.rope_factor, trust_remote_code=cfg.trust_remote_code)
+                                  rope_factor=cfg.rope_factor, trust_remote_code=cfg.trust_remote_code,
+                                  tokenizer_path=cfg.tokenizer)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     turn_end = turn_end_id(tokenizer, stop_ids(model, tokenizer))
@@ -87,7 +89,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                         ranks, bf16)
     elif cfg.objective == "opsdl" and cfg.teacher in ("frozen", "ema"):  # initial weights (EMA: then its checkpoint)
         initial = load_model(cfg.model, dtype=cfg.dtype, device="cpu", seed=cfg.seed, rope_factor=cfg.rope_factor,
-                             trust_remote_code=cfg.trust_remote_code)[0]
+                             trust_remote_code=cfg.trust_remote_code, tokenizer_path=cfg.tokenizer)[0]
         teacher = shard(initial.eval().requires_grad_(False), ranks, bf16)
     ema = teacher if cfg.objective == "opsdl" and cfg.teacher == "ema" and not cfg.teacher_model else None
 
@@ -133,11 +135,10 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                 if cfg.objective == "sft":
                     owners, responses = batch, [gold_answer_ids(tokenizer, b.example, turn_end) for b in batch]
                 else:
-                    rollout_started = time.perf_counter()
                     seed = sampling_seed(cfg.seed, step, ranks.rank, micro)
-                    with gathered_for_rollouts(policy, once=once) if engine.name == "hf" else contextlib.nullcontext():
+                    with timed(stats, "rollout", ranks.device), (gathered_for_rollouts(policy, once=once) if
+                                                                 engine.name == "hf" else contextlib.nullcontext()):
                         rollouts = engine.sample([b.student for b in batch], cfg.samples_per_prompt, seed)
-                    stats.rollout_seconds += time.perf_counter() - rollout_started
                     owners, responses = [batch[r.prompt_index] for r in rollouts], [r.tokens for r in rollouts]
                 micro_batches.append((owners, responses))
             # the mean over the step's response tokens on every rank; FSDP2 averages gradients over the ranks
@@ -155,14 +156,16 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                     # 2. teacher rows, no gradient; 3.-4. the student's loss against them in its forward. A
                     #    separate teacher's head stays gathered through the backward, which may read it again
                     #    (the fused loss's lean path recomputes the teacher's logits)
-                    with torch.no_grad():
+                    with timed(stats, "teacher", ranks.device), torch.no_grad():
                         teacher_rows = teacher([o.teacher for o in owners], responses, mode="rows")
                     separate = teacher is not policy
                     with whole(teacher) if separate else contextlib.nullcontext():
-                        loss_sum, log_ratio = policy(students, responses, mode="distill", cfg=cfg, targets=targets,
-                                                     teacher_rows=teacher_rows,
-                                                     teacher_head=lm_head(teacher.model) if separate else None)
-                        (loss_sum * scale).backward()
+                        with timed(stats, "student", ranks.device):  # its forward and the loss's
+                            loss_sum, log_ratio = policy(students, responses, mode="distill", cfg=cfg,
+                                                         targets=targets, teacher_rows=teacher_rows,
+                                                         teacher_head=lm_head(teacher.model) if separate else None)
+                        with timed(stats, "backward", ranks.device):
+                            (loss_sum * scale).backward()
                     tokens = sum(len(o.student) + len(o.teacher) + 2 * len(r) for o, r in zip(owners, responses))
                 found = [answer_found(tokenizer.decode(r, skip_special_tokens=True), o.example.answers())
                          for o, r in zip(owners, responses)] if cfg.objective == "opsdl" else []
@@ -172,19 +175,23 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, policy, cfg.ema_decay)
+            with timed(stats, "optimizer", ranks.device):
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+                grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    update_ema(ema, policy, cfg.ema_decay)
             if engine is not None and engine.name != "hf":
-                with gathered_for_rollouts(policy, once=True):
+                with timed(stats, "push", ranks.device), gathered_for_rollouts(policy, once=True):
                     engine.update(policy.model)
 
-            # the step's sums over all ranks; the rollout time is the slowest rank's
+            # the step's sums over all ranks; each phase's time is the slowest rank's
             summed = StepStats(*all_reduce(list(dataclasses.astuple(stats)), ranks))
-            summed.rollout_seconds = all_reduce([stats.rollout_seconds], ranks, dist.ReduceOp.MAX)[0]
+            phases = [f"{phase}_seconds" for phase in PHASES]
+            for name, slowest in zip(phases, all_reduce([getattr(stats, n) for n in phases], ranks,
+                                                         dist.ReduceOp.MAX)):
+                setattr(summed, name, slowest)
             record = step_record(cfg, summed, step, lr, float(grad_norm), time.perf_counter() - started,
                                  ranks.device, out)
             history.append(record)

@@ -59,8 +59,7 @@ def gradient_errors(folder: str, ranks, memory: str) -> dict:
     with torch.no_grad():
         teacher_rows = packed_rows(teacher, teachers, responses, "cpu")
     loss, _ = distillation_loss(cfg, lm_head(reference), lm_head(teacher), packed_rows(reference, students, responses,
-                                                                                       "cpu"), teacher_rows, targets,
-                                torch.float32)
+                                                                                       "cpu"), teacher_rows, targets)
     loss.backward()
 
     policy, sharded_teacher = shard(student, ranks, bf16=False), shard(teacher, ranks, bf16=False)

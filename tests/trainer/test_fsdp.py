@@ -122,7 +122,8 @@ def test_resume_on_one_rank_continues_a_two_rank_run(launched):
     assert (stopped / "checkpoint-000002" / "shards").is_dir()
     args = ["-m", "opsdl", "train", "--model", folders[("llama", True)], "--out", str(stopped), "--resume",
             "--steps", "3", "--batch-size", "4", "--teacher", "ema"]
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items() if k != "steps"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items() if k != "steps" and not isinstance(v, bool)]
+    args += [f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in RUN.items() if isinstance(v, bool)]
     done = torchrun(1, args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     got, want = weights(stopped / "checkpoint-000003"), weights(root / "uninterrupted" / "checkpoint-000003")
