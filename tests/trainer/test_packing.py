@@ -161,3 +161,169 @@ def test_real_shapes_have_the_real_parameter_counts(shape, parameters):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields))
     assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+# --- softcap and sliding-window layers: never a (heads, L, L) matrix (issue #19 part E) ---
+
+def _exact_rows(q, k, v, bounds, scaling, softcap, window):
+    """The exact per-segment reference: (heads, L, L) scores of every segment."""
+    from opsdl.packing import _segment_attention
+
+    return torch.cat([_segment_attention(q[0, :, a:b], k[0, :, a:b], v[0, :, a:b], scaling, softcap, window)
+                      for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+BOUNDS = (0, 7, 8, 21, 31, 100)  # uneven, a length-1 segment, segments longer than a window of 8
+
+
+@pytest.mark.parametrize("softcap,window,budget", [(50.0, 8, None), (None, 8, None), (50.0, None, None),
+                                                   (5.0, 3, None), (50.0, 8, 3000), (50.0, None, 3000)])
+def test_chunked_attention_is_the_exact_attention(softcap, window, budget, monkeypatch):
+    """In float64 the chunked path (forward and its own backward) equals the exact per-segment
+    path to rounding (observed <= 2e-13): the same function, only summed in another order. A
+    3000-byte budget forces chunks of one to three rows (the budget branch)."""
+    from opsdl import packing
+
+    if budget is not None:
+        monkeypatch.setattr(packing, "SCORES_BUDGET_BYTES", budget)
+        assert packing._chunk_rows(4, 93, window) <= 3  # 31+ chunks of the 93-token segment
+    gen = torch.Generator().manual_seed(4)
+    T = BOUNDS[-1]
+    q, k, v = (torch.randn(1, h, T, 16, generator=gen, dtype=torch.float64) * s for h, s in ((4, 3), (2, 3), (2, 1)))
+    probe = torch.randn(T, 4, 16, generator=gen, dtype=torch.float64)
+    grads = []
+    for attend in (packing._chunked_varlen, _exact_rows):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*inputs, BOUNDS, 0.25, softcap, window)
+        (out * probe).sum().backward()
+        grads.append([out.detach()] + [t.grad for t in inputs])
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, rtol=0, atol=1e-10), (got - want).abs().max()
+
+
+def test_chunk_rows_fit_the_budget():
+    from opsdl import packing
+
+    for heads, length, window in [(16, 16384, None), (16, 16384, 4096), (32, 131072, None), (8, 50, 8)]:
+        rows = packing._chunk_rows(heads, length, window)
+        keys = length if window is None else min(length, rows + window - 1)
+        assert rows == 1 or 5 * 4 * heads * rows * keys <= packing.SCORES_BUDGET_BYTES, (heads, length, window, rows)
+        assert 1 <= rows <= length
+
+
+@pytest.mark.parametrize("window", [None, 8, 200])
+def test_block_mask_is_torchs_dense_one(window):
+    """The block mask built a few block-rows at a time has the blocks of torch's create_block_mask
+    (which builds the whole (L, L) boolean) for the same mask_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from opsdl.packing import _block_mask, _document_mask_mod
+
+    bounds = (0, 100, 101, 300, 517)
+    ours = _block_mask(bounds, window, torch.device("cpu"))
+    doc = torch.repeat_interleave(torch.arange(4), torch.tensor([100, 1, 199, 217]))
+    dense = create_block_mask(_document_mask_mod(doc, window), 1, 1, 517, 517, device="cpu")
+    for name in ("kv", "full_kv", "q", "full_q"):
+        nums, idx = getattr(ours, f"{name}_num_blocks"), getattr(ours, f"{name}_indices")
+        assert torch.equal(nums, getattr(dense, f"{name}_num_blocks").to(nums.dtype)), name
+        for row, n in enumerate(nums[0, 0].tolist()):
+            assert set(idx[0, 0, row, :n].tolist()) == set(getattr(dense, f"{name}_indices")[0, 0, row, :n].tolist())
+    assert _block_mask(bounds, window, torch.device("cpu")) is ours  # cached: a forward's layers share it
+
+
+def _no_dense_scores(monkeypatch):
+    """The exact path raises for softcap/window layers: a test passing under it never built (heads, L, L)."""
+    from opsdl import packing
+
+    exact = packing._segment_attention
+
+    def plain_only(q, k, v, scaling, softcap, sliding_window):
+        if softcap is not None or sliding_window is not None:
+            raise AssertionError("the (heads, L, L) path ran for a softcap/window layer")
+        return exact(q, k, v, scaling, softcap, sliding_window)
+    monkeypatch.setattr(packing, "_segment_attention", plain_only)
+
+
+def _exact_dispatch(monkeypatch):
+    """Route softcap/window layers to the exact per-segment path (the reference)."""
+    from opsdl import packing
+
+    monkeypatch.setattr(packing, "_chunked_varlen", lambda q, k, v, bounds, scaling, softcap, window:
+                        _exact_rows(q, k, v, bounds, scaling, softcap, window))
+
+
+WINDOWED = {"gemma2": {}, "mistral": {"sliding_window": 8}}  # gemma2: softcap 50 and window 8 (alternate layers)
+
+
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+def test_packed_softcap_and_window_layers_match_the_exact_path(family, monkeypatch):
+    """Packed hidden states and parameter gradients of the float32 model agree with the exact
+    (heads, L, L) path, both measured against the exact path in float64: the new path's error is
+    at most twice the exact float32 path's own (plus 1e-6 of the largest value), i.e. it is as
+    good as the exact path up to float32 rounding noise."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **WINDOWED[family]), dtype=torch.float64).train()
+    gen = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (20, 1, 9, 33, 2)]
+    probe = torch.randn(65, 64, generator=gen, dtype=torch.float64)
+
+    def run(dtype):
+        model.to(dtype).zero_grad(set_to_none=True)
+        hidden = packed_hidden_states(model, pack(seqs))
+        (hidden * probe.to(dtype)).sum().backward()
+        return {"hidden": hidden.detach().double(), **{n: p.grad.double() for n, p in model.named_parameters()
+                                                      if p.grad is not None}}
+
+    with monkeypatch.context() as m:
+        _exact_dispatch(m)
+        reference = run(torch.float64)
+        exact32 = run(torch.float32)
+    _no_dense_scores(monkeypatch)
+    new32 = run(torch.float32)
+    assert reference.keys() == new32.keys() and len(reference) > 10
+    for name, want in reference.items():
+        floor = 1e-6 * want.abs().max()
+        new_err, exact_err = (new32[name] - want).abs().max(), (exact32[name] - want).abs().max()
+        assert new_err <= 2 * exact_err + floor, (family, name, new_err, exact_err)
+
+
+def test_flex_path_is_the_exact_attention_on_cpu(monkeypatch):
+    """The flex path (CUDA's in training; forced here) in a packed gemma2 forward: softcap
+    score_mod, document/causal/window block mask, GQA. Forward only: torch 2.13's flex has no
+    backward on the CPU (its fp32/bf16 backward was checked on an H200 against float64). One
+    compilation (about 15 s; a second one in the process fails on the CPU in torch 2.13): sliding
+    and global layers share one mask_mod code, and 280 tokens make three 128-token blocks (a
+    one-block row would be specialised and compile again)."""
+    from opsdl import packing
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gemma2")).eval()
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (140, 1, 9, 130)]
+    with torch.no_grad(), monkeypatch.context() as m:
+        _exact_dispatch(m)
+        want = packed_hidden_states(model, pack(seqs))
+    _no_dense_scores(monkeypatch)
+    monkeypatch.setattr(packing, "_chunked_varlen", None)  # not callable: only flex may run
+    monkeypatch.setattr(packing, "_flex_runs_on", lambda device: True)
+    with torch.no_grad():
+        got = packed_hidden_states(model, pack(seqs))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def test_cpu_softcap_layers_take_the_chunked_path():
+    from opsdl.packing import _flex_runs_on
+
+    assert not _flex_runs_on(torch.device("cpu"))  # flex has no CPU backward in torch 2.13
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA dispatch")
+def test_cuda_softcap_layers_take_flex(monkeypatch):
+    from opsdl import packing
+
+    if not packing._flex_runs_on(torch.device("cuda")):
+        pytest.skip("no Triton/dynamo here")
+    model = _model("gemma2").cuda().train()
+    _no_dense_scores(monkeypatch)
+    monkeypatch.setattr(packing, "_chunked_varlen", None)
+    packed_hidden_states(model, pack([[1] * 140, [2] * 3], device="cuda")).sum().backward()
