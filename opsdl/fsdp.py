@@ -10,6 +10,7 @@ fp32 (``MixedPrecisionPolicy``); NCCL on GPUs, gloo on the CPU (tests).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -58,6 +59,27 @@ def init_ranks(device_option: str) -> Ranks:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     world = dist.get_world_size()
     return Ranks(dist.get_rank(), world, device, init_device_mesh(device.type, (world,)), owned)
+
+
+def release_process_group() -> None:
+    """``destroy_process_group()`` such that it really frees the group. Device meshes hold their
+    group, and DTensor (torch 2.13) keeps every mesh it met in its caches (sharding and tensor-meta
+    propagation, redistribution plans and planners, mesh topologies), FSDP states in reference
+    cycles: until those let go, gloo's threads outlive the destroy call, and a thread still releasing
+    the last collective's tensors at interpreter exit aborts the process by chance (SIGABRT,
+    "terminate called without an active exception"). The caller drops its own meshes first."""
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor._collective_utils import MeshTopoInfo
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute._planner_cache.clear()
+    MeshTopoInfo.build_from_mesh.cache_clear()
+    gc.collect()  # after: the FSDP states and the planners just dropped from the caches are in cycles
+    dist.destroy_process_group()
 
 
 def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import (append_log, claim_output_dir, is_sharded, load_trainer_state, prune_checkpoints, resume_point,
                          rewind_log)
 from .data import answer_found, load_examples
-from .fsdp import Ranks, all_reduce, gathered_for_rollouts, init_ranks, shard, whole
+from .fsdp import Ranks, all_reduce, gathered_for_rollouts, init_ranks, release_process_group, shard, whole
 from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_checkpoint
 from .model import check_model_source, check_tokenizer_source, enable_checkpointing, lm_head, load_model
 from .objective import gold_answer_ids, load_teacher_model, update_ema
@@ -46,9 +46,11 @@ def train_fsdp(cfg: TrainConfig) -> dict:
     """Run under torchrun (WORLD_SIZE set); every rank calls it with the same ``cfg``."""
     check_train_options(cfg)
     ranks = init_ranks(cfg.device)
+    owns_group = ranks.owns_group
     summary = _train(cfg, ranks)
-    if ranks.owns_group:
-        dist.destroy_process_group()
+    del ranks  # its device mesh holds the group
+    if owns_group:
+        release_process_group()
     return summary
 
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import opsdl.objective
-import opsdl.train_fsdp
+import opsdl.rollout_engines
 from opsdl_kernels import fused_rkl_loss
-from opsdl.fsdp import init_ranks, shard, whole
+from opsdl.fsdp import init_ranks, release_process_group, shard, whole
 from opsdl.model import lm_head
 from opsdl.options import TrainConfig
 from opsdl.objective import distillation_loss, packed_rows
@@ -100,7 +98,7 @@ def main(job_file: str) -> None:
         def broken_sample(*args, **kwargs):
             raise RuntimeError(f"injected failure on rank {rank}")
 
-        opsdl.train_fsdp.sample = broken_sample
+        opsdl.rollout_engines.sample = broken_sample
     for fields in job.get("train", []):
         seen = spy_on_loss_dtypes()
         train_fsdp(TrainConfig(**fields))
@@ -112,17 +110,11 @@ def main(job_file: str) -> None:
 
 
 def destroy_group() -> None:
-    """destroy_process_group(), and a check that it freed the group (joined its gloo threads).
-
-    A group that something still holds keeps its gloo threads alive into the interpreter's
-    finalization, where a thread still releasing the last collective's tensors needs the GIL and
-    aborts the process by chance (SIGABRT, "terminate called without an active exception";
-    tests/kernels/vocab_parallel_worker.py has the whole story). Here the holders are device
-    meshes, which keep their groups: those in DTensor's caches, and the FSDP modules' and the
-    redistribution planners' (in reference cycles until a collection)."""
-    forget_device_meshes()
-    gc.collect()  # after: the FSDP states and the planners just dropped from the cache are in reference cycles
-    dist.destroy_process_group()
+    """opsdl.fsdp.release_process_group(), and a check that it freed the group (joined its gloo
+    threads): a group that something still holds keeps its gloo threads alive into the
+    interpreter's finalization, where they abort the process by chance (SIGABRT, "terminate called
+    without an active exception"; tests/kernels/vocab_parallel_worker.py has the whole story)."""
+    release_process_group()
     left = []
     for task in Path("/proc/self/task").glob("*/comm"):  # Linux; nothing elsewhere
         try:
@@ -132,22 +124,6 @@ def destroy_group() -> None:
     if left:
         raise RuntimeError(f"gloo threads {left} outlived destroy_process_group(): something still holds the "
                            "process group, and this process would exit racing them")
-
-
-def forget_device_meshes() -> None:
-    """Empty the caches in which DTensor (torch 2.13) keeps every DeviceMesh it met: sharding and
-    tensor-meta propagation, redistribution plans and planners (keyed by a weak reference to the
-    mesh, but the planner holds it), mesh topologies."""
-    from torch.distributed.tensor import _redistribute
-    from torch.distributed.tensor._collective_utils import MeshTopoInfo
-    from torch.distributed.tensor._sharding_prop import ShardingPropagator
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
-    _clear_sharding_prop_cache()
-    ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
-    _redistribute._gen_transform_infos.cache_clear()
-    _redistribute._planner_cache.clear()
-    MeshTopoInfo.build_from_mesh.cache_clear()
 
 
 def spy_on_loss_dtypes() -> list:
