@@ -108,7 +108,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
         once = cfg.rollout_gather == "once"
         with gathered_for_rollouts(policy, once=True) if engine_name == "vllm" else contextlib.nullcontext():
             engine = open_rollout_engine(engine_name, cfg, policy.model, tokenizer, compute_dtype,
-                                         synced_gpus=not once and ranks.world > 1)
+                                         synced_gpus=not once and ranks.world > 1, sharded=True)
     if ranks.main:
         print(f"opsdl train: {ranks.world} ranks ({ranks.device.type}), {len(items)} examples ({dropped} dropped as "
               f"too long), objective={cfg.objective}, teacher={cfg.teacher_model or cfg.teacher}, "

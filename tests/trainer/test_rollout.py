@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from opsdl.model import load_model
 from opsdl.rollout import PLAIN_TEMPLATE, prompt_ids, sample, stop_ids, turn_end_id
 
 
@@ -143,3 +144,33 @@ def test_samples_follow_softmax_at_the_temperature_despite_the_generation_config
     assert model.generation_config.top_k == 3  # the model's own config is left as it was
     wrong, _ = chi_square_p_value(_first_token_counts(model, tokenizer, prompt, 1.25 * temperature, 4000), probs)
     assert wrong < 1e-6, wrong
+
+
+def test_bf16_rollouts_sample_from_a_cast_copy_refreshed_by_update():
+    """With float32 weights and bf16 compute, ``GenerateEngine`` samples from its own bf16 copy
+    (tied weights still tied, the master untouched); after an optimizer step ``update`` brings the
+    copy to the new weights, and the engine's greedy answers equal ``sample`` on a bf16 cast of them."""
+    from opsdl.options import TrainConfig
+    from opsdl.rollout_engines import GenerateEngine
+
+    model, tokenizer = load_model("tiny:llama", seed=2)
+    cfg = TrainConfig(temperature=0.0, off_policy=True, max_new_tokens=6)
+    engine = GenerateEngine(cfg, model, tokenizer, torch.bfloat16)
+    copy_ = engine.sampler
+    assert copy_ is not model and {p.dtype for p in copy_.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    tied = lambda m: m.get_output_embeddings().weight is m.get_input_embeddings().weight  # noqa: E731
+    assert tied(copy_) == tied(model) and len(list(copy_.parameters())) == len(list(model.parameters()))
+    prompts = [prompt_ids(tokenizer, "The code is 4417.", "What is the code?")]
+
+    with torch.no_grad():  # a large "optimizer step"
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    stale = engine.sample(prompts, 1, seed=0)[0].tokens
+    engine.update(model)
+    fresh = engine.sample(prompts, 1, seed=0)[0].tokens
+    reference = load_model("tiny:llama", seed=2)[0]
+    reference.load_state_dict(model.state_dict())
+    want = sample(reference.to(torch.bfloat16), tokenizer, prompts, temperature=0.0, max_new_tokens=6)[0].tokens
+    assert fresh == want and fresh != stale
+    assert GenerateEngine(cfg, model, tokenizer, torch.float32).sampler is model
