@@ -143,7 +143,8 @@ def _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window):
 
 SCORES_BUDGET_BYTES = 256 * 2**20
 """About the most the chunked path holds at once in score-sized float32 buffers per chunk of rows
-(scores, tanh, probabilities and their gradients: five (heads, rows, keys) buffers in the backward)."""
+(tanh, probabilities and their gradient in the backward: three (heads, rows, keys) buffers, and
+room for a fourth)."""
 
 _FLEX_BLOCK = 128  # flex_attention's default sparse block size
 _MASK_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
@@ -266,8 +267,9 @@ def _flex_varlen(query: Tensor, key: Tensor, value: Tensor, bounds: tuple, scali
 
 
 def _chunk_rows(heads: int, length: int, window: Optional[int]) -> int:
-    """Query rows per chunk so five float32 (heads, rows, keys) buffers fit SCORES_BUDGET_BYTES."""
-    cells = SCORES_BUDGET_BYTES // (5 * 4 * heads)  # rows * keys
+    """Query rows per chunk so four float32 (heads, rows, keys) buffers fit SCORES_BUDGET_BYTES (the
+    backward holds three at most: tanh, probabilities, their gradient; one spare for temporaries)."""
+    cells = SCORES_BUDGET_BYTES // (4 * 4 * heads)  # rows * keys
     if window is None or window >= length:
         rows = cells // length
     else:  # rows see rows + window - 1 keys at most
@@ -285,21 +287,22 @@ def _chunks(bounds: Sequence[int], heads: int, window: Optional[int]) -> Iterato
 
 def _chunk_probs(qc: Tensor, kc: Tensor, s: int, e: int, ks: int, scaling: float, softcap: Optional[float],
                  window: Optional[int], lse: Optional[Tensor] = None):
-    """Probabilities (Hkv, G, rows, keys) of one chunk, with its tanh (softcap) and log-sum-exp."""
-    raw = torch.matmul(qc, kc.transpose(-1, -2).unsqueeze(1)) * scaling
+    """Probabilities (Hkv, G, rows, keys) of one chunk, with its tanh (softcap) and log-sum-exp;
+    in place where it can, so two score-sized buffers are alive at the end (one without softcap)."""
+    scores = torch.matmul(qc, kc.transpose(-1, -2).unsqueeze(1)).mul_(scaling)
     tanh = None
     if softcap is not None:
-        tanh = torch.tanh(raw / softcap)
-        raw = softcap * tanh
+        tanh = scores.div_(softcap).tanh_()
+        scores = tanh * softcap
     i = torch.arange(s, e, device=qc.device)[:, None]
     j = torch.arange(ks, e, device=qc.device)[None, :]
     allowed = j <= i
     if window is not None:
         allowed &= (i - j) < window
-    raw = raw.masked_fill(~allowed, float("-inf"))
+    scores.masked_fill_(~allowed, float("-inf"))
     if lse is None:
-        lse = torch.logsumexp(raw, dim=-1)  # finite: every row sees itself
-    return torch.exp(raw - lse[..., None]), tanh, lse
+        lse = torch.logsumexp(scores, dim=-1)  # finite: every row sees itself
+    return scores.sub_(lse[..., None]).exp_(), tanh, lse
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -328,6 +331,7 @@ class _ChunkedAttention(torch.autograd.Function):
             p, _, row_lse = _chunk_probs(q[:, :, s:e].to(acc), k[:, ks:e].to(acc), s, e, ks, scaling, softcap, window)
             out[:, :, s:e] = torch.matmul(p, v[:, None, ks:e].to(acc))
             lse[:, :, s:e] = row_lse
+            del p  # before the next chunk's buffers
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (bounds, scaling, softcap, window)
         return out.to(q.dtype)
@@ -346,13 +350,14 @@ class _ChunkedAttention(torch.autograd.Function):
             p, tanh, _ = _chunk_probs(qc, kc, s, e, ks, scaling, softcap, window, lse[:, :, s:e])
             go = grad_out[:, :, s:e].to(acc)
             dv[:, ks:e] += torch.matmul(p.transpose(-1, -2), go).sum(1)
-            dp = torch.matmul(go, vc.transpose(-1, -2))
-            ds = p * (dp - (go * out[:, :, s:e]).sum(-1, keepdim=True))
+            ds = torch.matmul(go, vc.transpose(-1, -2)).sub_((go * out[:, :, s:e]).sum(-1, keepdim=True)).mul_(p)
+            del p
             if tanh is not None:
-                ds = ds * (1 - tanh * tanh)
-            ds = ds * scaling
+                ds.mul_(tanh.mul_(tanh).neg_().add_(1))  # d softcap*tanh(x/softcap) / dx = 1 - tanh^2
+            ds.mul_(scaling)
             dq[:, :, s:e] = torch.matmul(ds, kc.unsqueeze(1))
             dk[:, ks:e] += torch.matmul(ds.transpose(-1, -2), qc).sum(1)
+            del ds, tanh  # before the next chunk's buffers
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -57,7 +57,8 @@ def test_gradient_checkpointing_keeps_packed_sequences_apart(family):
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-5), (family, name)
-    model.activation_checkpointing_disable()
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()  # the name since transformers 5.24; earlier 5.x: gradient_checkpointing_disable
     model.zero_grad(set_to_none=True)
     with own_attention(model):  # each sequence alone, the model's own attention
         start = 0
@@ -177,11 +178,11 @@ BOUNDS = (0, 7, 8, 21, 31, 100)  # uneven, a length-1 segment, segments longer t
 
 
 @pytest.mark.parametrize("softcap,window,budget", [(50.0, 8, None), (None, 8, None), (50.0, None, None),
-                                                   (5.0, 3, None), (50.0, 8, 3000), (50.0, None, 3000)])
+                                                   (5.0, 3, None), (50.0, 8, 2000), (50.0, None, 2000)])
 def test_chunked_attention_is_the_exact_attention(softcap, window, budget, monkeypatch):
     """In float64 the chunked path (forward and its own backward) equals the exact per-segment
     path to rounding (observed <= 2e-13): the same function, only summed in another order. A
-    3000-byte budget forces chunks of one to three rows (the budget branch)."""
+    2000-byte budget forces chunks of one to three rows (the budget branch)."""
     from opsdl import packing
 
     if budget is not None:
@@ -207,7 +208,7 @@ def test_chunk_rows_fit_the_budget():
     for heads, length, window in [(16, 16384, None), (16, 16384, 4096), (32, 131072, None), (8, 50, 8)]:
         rows = packing._chunk_rows(heads, length, window)
         keys = length if window is None else min(length, rows + window - 1)
-        assert rows == 1 or 5 * 4 * heads * rows * keys <= packing.SCORES_BUDGET_BYTES, (heads, length, window, rows)
+        assert rows == 1 or 4 * 4 * heads * rows * keys <= packing.SCORES_BUDGET_BYTES, (heads, length, window, rows)
         assert 1 <= rows <= length
 
 
