@@ -174,7 +174,12 @@ def _compiled_flex():
 def _flex_runs_on(device: torch.device) -> bool:
     """Whether the compiled flex path serves this device: CUDA with Triton (torch 2.13's flex has
     no backward on the CPU, and the student pass trains through attention)."""
-    if device.type != "cuda" or _compiled_flex() is None:
+    return _flex_runs_on_type(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_runs_on_type(device_type: str) -> bool:
+    if device_type != "cuda" or _compiled_flex() is None:
         return False
     from torch.utils._triton import has_triton
 
