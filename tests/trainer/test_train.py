@@ -29,6 +29,11 @@ def test_a_few_steps_change_the_parameters(tmp_path):
     assert all(r["loss"] >= 0 and r["loss"] == r["loss"] for r in log)
     for key in ("kl_estimate", "mean_advantage", "response_length", "tokens_per_s", "peak_memory_mib", "answer_rate"):
         assert key in log[0]
+    for record in log:  # every phase of the step timed, within the step's own time
+        phases = record["phase_seconds"]
+        assert set(phases) == {"rollout", "teacher", "student", "loss", "backward", "optimizer", "push"}
+        assert all(phases[k] > 0 for k in ("rollout", "teacher", "student", "loss", "backward", "optimizer"))
+        assert sum(phases.values()) <= record["seconds"] and phases["rollout"] == record["rollout_seconds"]
     trained = _weights(tmp_path / "checkpoint-000003")
     changed = [k for k, v in trained.items() if not torch.equal(v, initial[k])]
     assert len(changed) > len(trained) // 2
@@ -372,3 +377,17 @@ def test_the_loss_is_the_mean_over_the_steps_tokens_whatever_the_micro_batches(t
     assert worst < 1e-4, worst  # fp32: packing 4 sequences or 1 changes only the summation order
     lengths = {logs[0]["response_length"], logs[1]["response_length"]}
     assert len(lengths) == 1 and lengths.pop() > 3  # the same responses, of several lengths
+
+
+def test_a_saved_tokenizer_serves_random_weight_models(tmp_path):
+    """--tokenizer: where the embedded package is absent (GPU images), tiny:/random: models take a
+    saved tokenizer folder; it is refused for models that bring their own, and when it holds none."""
+    _, tokenizer = load_model("tiny:llama")
+    folder = tmp_path / "tok"
+    tokenizer.save_pretrained(folder)
+    train(TrainConfig(**TINY, steps=1, tokenizer=str(folder), out=str(tmp_path / "run")))
+    assert (tmp_path / "run" / "checkpoint-000001" / "tokenizer_config.json").is_file()
+    with pytest.raises(ValueError, match="--tokenizer .*: only for tiny:/random: models"):
+        train(TrainConfig(**{**TINY, "model": "smollm2-135m"}, steps=1, tokenizer=str(folder), out=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="--tokenizer .*: expected a folder holding a saved tokenizer"):
+        train(TrainConfig(**TINY, steps=1, tokenizer=str(tmp_path), out=str(tmp_path / "b")))
