@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .files import sync_folder, write_atomic
+from .files import check_output_dir, sync_folder, write_atomic
 from .options import TrainConfig
 
 LOG = "log.jsonl"
@@ -25,14 +25,8 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 def claim_output_dir(out: Path, cfg: TrainConfig) -> None:
     """A run starts in an empty (or new) folder; a non-empty one only with --resume, or with
     --overwrite-output-dir, which removes its log and checkpoints first."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: expected a folder, got a file")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    entries = check_output_dir(out, bool(cfg.resume), cfg.overwrite_output_dir)
     if entries and not cfg.resume:
-        if not cfg.overwrite_output_dir:
-            raise ValueError(f"--out {out}: not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
-                             "pass --resume to continue that run, --overwrite-output-dir to start it over, or "
-                             "another --out")
         for name in entries:
             path = out / name
             if name in (LOG, LATEST) or _CHECKPOINT.match(name.removeprefix(".tmp-")):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .data import check_input_file
+from .files import check_output_dir
 from .options import EvalConfig, ExportConfig, PrepareConfig, TrainConfig, check_train_options
 
 
@@ -73,22 +74,6 @@ def return_freed_memory_to_the_system() -> None:
         pass
 
 
-def _refuse_a_used_out(cfg: TrainConfig) -> None:
-    """The refusal of ``opsdl.checkpoint.claim_output_dir`` (which imports torch), said before torch
-    loads; the same words (a test holds them together). Not under torchrun, where rank 0 alone
-    claims --out and another rank, started later, could find it already in use by this run."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: expected a folder, got a file")
-    if "WORLD_SIZE" in os.environ or cfg.resume or cfg.overwrite_output_dir or not out.is_dir():
-        return
-    entries = sorted(p.name for p in out.iterdir())
-    if entries:
-        raise ValueError(f"--out {out}: not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
-                         "pass --resume to continue that run, --overwrite-output-dir to start it over, or "
-                         "another --out")
-
-
 def check_before_loading(command: str, config) -> None:
     """Every check of a command's options that needs no torch: a refused option answers at once
     (a ValueError naming the option, what it expects and what it got). The commands run their own
@@ -98,7 +83,8 @@ def check_before_loading(command: str, config) -> None:
         check_train_options(config)
         if config.data:
             check_input_file("--data", config.data)
-        _refuse_a_used_out(config)
+        if "WORLD_SIZE" not in os.environ:  # under torchrun rank 0 alone claims --out, maybe before the others look
+            check_output_dir(Path(config.out), bool(config.resume), config.overwrite_output_dir)
     elif command == "prepare":
         from .prepare import check_prepare_options  # torch-free: prepare imports torch when it runs
 

@@ -49,3 +49,17 @@ def write_atomic(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _sync_directory(path.parent)
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """--out of a training run: a folder (or nothing yet), and an empty one unless the run continues
+    (--resume) or starts over (--overwrite-output-dir); its entries. Needs no torch: the command line
+    says it before anything loads."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: expected a folder, got a file")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not resume and not overwrite:
+        raise ValueError(f"--out {out}: not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
+                         "pass --resume to continue that run, --overwrite-output-dir to start it over, or "
+                         "another --out")
+    return entries
