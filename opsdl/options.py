@@ -21,8 +21,8 @@ def option(default: Any, help: str, choices: Optional[tuple] = None, aliases: tu
 class TrainConfig:
     model: str = option(EMBEDDED_MODEL, "local path, hub id, 'smollm2-135m' (embedded), 'tiny:<family>' or "
                                         "'random:<shape>' (random weights)", aliases=("--model_name_or_path",))
-    tokenizer: Optional[str] = option(None, "a saved tokenizer folder for tiny:/random: models (default: the "
-                                             "embedded SmolLM2 tokenizer)")
+    tokenizer: Optional[str] = option(None, "a saved tokenizer folder for tiny:/random: models, in place of the "
+                                             "embedded SmolLM2 one")
     data: Optional[str] = option(None, "JSONL of {id, long_context, short_context, question[, answer]}; "
                                      "default: synthetic --task examples")
     task: str = option("multikey", "synthetic task when --data is not given", ("multikey", "multivalue", "vartrack"))
