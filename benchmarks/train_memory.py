@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from .train_step import emit
+
 
 def one_step(model_name: str, tokens: int, dtype: str, sequences: int, response: int, layers: int | None,
              device_name: str, bf16: bool, tokenizer: str | None = None) -> dict:
@@ -139,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"model": args.model, "tokens": tokens, "dtype": args.dtype, "bf16": args.bf16, "error": tail}
         else:
             row = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     return 0
 
 

@@ -41,6 +41,14 @@ def machine() -> dict:
     return info
 
 
+def emit(row: dict, out: str | None) -> None:
+    """One JSON line on stdout, and appended to ``out`` at once (a run cut short keeps its rows)."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def run_setting(args: argparse.Namespace, engine: str, compute: str, context: int) -> dict:
     """One ``opsdl train`` process; its log's phases, median over the steps after the first."""
     row = {"model": args.model, "engine": engine, "compute": compute, "context_tokens": context, "steps": args.steps}
@@ -86,19 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error(f"--steps: expected at least 2 (the first is not counted), got {args.steps}")
-    header = {"machine": machine()}
-    print(json.dumps(header), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(header) + "\n")
+    emit({"machine": machine()}, args.out)
     for context in [int(c) for c in args.contexts.split(",")]:
         for engine in args.engines.split(","):
             for compute in args.compute.split(","):
-                row = run_setting(args, engine, compute, context)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                emit(run_setting(args, engine, compute, context), args.out)
     return 0
 
 
