@@ -209,11 +209,14 @@ def test_samples_follow_the_trainers_softmax_at_the_temperature(setup, temperatu
 
     model, tokenizer, engine, _ = setup
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        prompt = tokenizer("At the party were Emily, Sarah, Elizabeth and Ellen. She said her name was").input_ids
+        # 257 tokens: two whole KV blocks of 128, which the prefix cache serves to all 2,000 requests,
+        # and one token each computes (the cost of a draw is the scheduling, not 2,000 prefills)
+        tail = tokenizer(" At the party were Emily, Sarah, Elizabeth and Ellen. She said her name was").input_ids
+        prompt = tokenizer("Chapter one. " * 100).input_ids[: 257 - len(tail)] + tail
         logits = model(torch.tensor([prompt])).logits[0, -1].double()
     likely = [t for t in logits.topk(6).indices.tolist() if t in prompt]  # a repetition penalty lowers them
     probs = torch.softmax(logits / temperature, dim=-1)
-    assert probs.max() < 0.6 and (probs * 2000 >= 5).sum() >= 15  # several tokens carry mass
+    assert probs.max() < 0.6 and (probs * 2000 >= 5).sum() >= 12  # several tokens carry mass
     assert len(likely) >= 2 and probs[likely].sum() > 0.3
     assert model.generation_config.repetition_penalty == 2.0 and model.generation_config.top_k == 3
 
