@@ -213,6 +213,17 @@ def _full_tensors(named: Iterable[tuple[str, "object"]], dtype) -> Iterator[tupl
         yield name, tensor.detach().to(dtype=dtype)
 
 
+def _destroy_vllm_world_only() -> None:
+    """vLLM's ``destroy_distributed_environment`` without its last act, destroying the default process
+    group: under torchrun that group is the trainer's."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._WORLD:
+        parallel_state._WORLD.destroy()
+    parallel_state._WORLD = None
+    parallel_state._NODE_COUNT = None
+
+
 def _reload(worker, weights: Iterator) -> None:
     """Runs inside vLLM's worker (in this process): the checkpoint-format weights into the model,
     re-running the CPU backend's repacking (``model.load_weights`` alone drops repacked linears)."""
@@ -239,6 +250,8 @@ class VLLMEngine:
         if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"compute_dtype: expected bfloat16, float16 or float32, got {compute_dtype}")
         self.cfg, self.dtype = cfg, compute_dtype
+        # under torchrun vLLM joins the trainer's process group (its world) and makes its own groups in it
+        self.trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.stops = stop_ids(model, tokenizer)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, before vllm is imported
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the budget is --rollout-cache-gib
@@ -341,8 +354,23 @@ class VLLMEngine:
         return (rollouts, scores) if logprobs else rollouts
 
     def close(self) -> None:
-        """Drop the engine and its temporary folder (the process exiting does the same)."""
-        self.llm = None
+        """Shut the engine down and remove its temporary folder. Under torchrun call it before the
+        trainer destroys its process group: vLLM's own shutdown (at exit otherwise) destroys its
+        groups and then the default one, which is the trainer's here; ``close`` keeps the trainer's."""
+        import torch.distributed as dist
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            from vllm.distributed import parallel_state
+
+            destroy = parallel_state.destroy_distributed_environment
+            if self.trainer_group:
+                parallel_state.destroy_distributed_environment = _destroy_vllm_world_only
+            try:
+                if dist.is_initialized() or not self.trainer_group:
+                    llm.llm_engine.engine_core.shutdown()
+            finally:
+                parallel_state.destroy_distributed_environment = destroy
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __del__(self):
