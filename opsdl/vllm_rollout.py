@@ -213,6 +213,29 @@ def _full_tensors(named: Iterable[tuple[str, "object"]], dtype) -> Iterator[tupl
         yield name, tensor.detach().to(dtype=dtype)
 
 
+def _global_rng_state() -> tuple:
+    import random
+
+    import numpy as np
+    import torch
+
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _set_global_rng_state(state: tuple) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
+
+
 def _destroy_vllm_world_only() -> None:
     """vLLM's ``destroy_distributed_environment`` without its last act, destroying the default process
     group: under torchrun that group is the trainer's."""
@@ -260,6 +283,8 @@ class VLLMEngine:
         # keeps its threads (and the function) here.
         threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        # vLLM seeds Python's, numpy's and torch's global generators at start: the trainer's are restored
+        rng = _global_rng_state()
         from vllm import LLM
 
         self.folder = tempfile.mkdtemp(prefix="opsdl-vllm-")
@@ -270,13 +295,17 @@ class VLLMEngine:
             # a faithful model folder, generation_config.json included: generation_config="vllm" below
             # is what keeps its penalties and top_k out of the samples
             model.generation_config.save_pretrained(self.folder)
-            device = next(model.parameters()).device
+            on_cpu = next(model.parameters()).device.type == "cpu"
             self.llm = LLM(
                 model=self.folder, skip_tokenizer_init=True, load_format="dummy",
                 dtype=str(compute_dtype).removeprefix("torch."), max_model_len=cfg.max_length,
-                kv_cache_memory_bytes=int(cfg.rollout_cache_gib * GiB), generation_config="vllm",
-                enforce_eager=True, seed=cfg.seed, logprobs_mode="processed_logprobs", trust_remote_code=cfg.trust_remote_code,
-                **({"gpu_memory_utilization": 0.1} if device.type == "cpu" else {}),
+                # the KV cache is exactly --rollout-cache-gib; gpu_memory_utilization then only gates
+                # the start (the share of memory that must be free: 0.92 was refused on a CPU)
+                kv_cache_memory_bytes=int(cfg.rollout_cache_gib * GiB), gpu_memory_utilization=0.1,
+                generation_config="vllm", logprobs_mode="processed_logprobs", seed=cfg.seed,
+                # on a CPU: no inductor compilation (minutes on few cores), and with the explicit KV
+                # size no warm-up pass either; on CUDA vLLM's defaults (compiled, CUDA graphs)
+                enforce_eager=on_cpu, trust_remote_code=cfg.trust_remote_code,
             )
             self.update(model, state_dict)
         except BaseException:
@@ -285,6 +314,7 @@ class VLLMEngine:
         finally:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads)
+            _set_global_rng_state(rng)
 
     def update(self, model=None, state_dict: Optional[Iterable] = None) -> None:
         """Push the trainer's current weights into the engine, in memory: ``model``'s state dict, or
