@@ -123,8 +123,9 @@ def test_engine_logprobs_equal_the_trainers(setup):
     """The engine's log-probability of each token it sampled at T = 0.7 (logprobs_mode
     processed_logprobs: of softmax(logits / T)) against the trainer's log_softmax(logits / T) at the
     same tokens, teacher-forced over prompt + response, in fp32 and under bf16 autocast (the --bf16
-    loss): within 0.4 nats everywhere and 0.07 on average, about twice what was measured (fp32: 0.20
-    and 0.034 over 192 tokens): bf16 weights and activations in two implementations."""
+    loss): within 0.4 nats everywhere (0.6 against autocast) and 0.07 on average, about twice what was
+    measured over these 192 tokens (max and mean: fp32 0.197 and 0.034, autocast 0.331 and 0.035, a
+    bf16 copy of the weights 0.269 and 0.036): bf16 weights and activations in two implementations."""
     model, tokenizer, engine, prompts = setup
     temperature = 0.7
     rollouts, scores = engine.sample(prompts, 4, seed=3, temperature=temperature, max_new_tokens=16, logprobs=True)
@@ -143,7 +144,7 @@ def test_engine_logprobs_equal_the_trainers(setup):
     measured = dict(fp32_max=float(fp32.max()), fp32_mean=float(fp32.mean()), bf16_max=float(bf16.max()),
                     bf16_mean=float(bf16.mean()))
     assert len(fp32) >= 24 and fp32.max() < 0.4 and fp32.mean() < 0.07, measured
-    assert bf16.max() < 0.4 and bf16.mean() < 0.07, measured
+    assert bf16.max() < 0.6 and bf16.mean() < 0.07, measured
 
 
 def test_a_push_changes_what_the_engine_samples(setup):
