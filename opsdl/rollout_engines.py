@@ -24,6 +24,9 @@ class RolloutEngine(Protocol):
     def update(self, model: torch.nn.Module) -> None:
         """Take ``model``'s current weights (after an optimizer step, or a resume)."""
 
+    def close(self) -> None:
+        """Free the engine (under torchrun: before the process group is released)."""
+
 
 class GenerateEngine:
     """transformers ``generate``. With float32 weights and bf16 compute it samples from a bf16 copy
@@ -53,6 +56,9 @@ class GenerateEngine:
         with torch.no_grad():
             for copy_, master in zip(self.sampler.parameters(), model.parameters(), strict=True):
                 copy_.copy_(master)
+
+    def close(self) -> None:
+        self.sampler = None
 
 
 def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

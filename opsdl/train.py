@@ -178,6 +178,9 @@ def train(cfg: TrainConfig) -> dict:
                 prune_checkpoints(out, cfg.save_total_limit)
     except KeyboardInterrupt:
         raise interrupted(cfg, step, out) from None
+    finally:
+        if engine is not None:
+            engine.close()
 
     summary = summarize(history, out)
     print(json.dumps(summary, indent=1))

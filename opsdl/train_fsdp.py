@@ -210,6 +210,9 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                 on_main(ranks, lambda: prune_checkpoints(out, cfg.save_total_limit))
     except KeyboardInterrupt:
         raise interrupted(cfg, step, out) from None
+    finally:
+        if engine is not None:  # vLLM's own shutdown would destroy the process group: close it first
+            engine.close()
 
     summary = summarize(history, out)
     if ranks.main:
