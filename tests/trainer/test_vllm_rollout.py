@@ -304,3 +304,22 @@ def test_a_head_size_vllm_cpu_lacks_falls_back_or_is_refused(monkeypatch):
     cfg = replace(CFG, model="tiny:llama")
     assert "head size 16" in vllm_rollout.model_reason(cfg, tiny_config("llama"))
     assert vllm_rollout.model_reason(cfg, tiny_config("llama", hidden_size=256)) is None  # head size 64
+
+
+def test_auto_takes_vllm_only_where_it_was_measured_to_pay(monkeypatch):
+    """auto: vLLM on CUDA and on CPUs with AMX; not on a CPU without (measured there: rollouts no
+    faster than generate, the trainer's bf16 passes beside it 2.5x slower). Asked for, it runs anyway."""
+    import opsdl.vllm_rollout as vllm_rollout
+    import opsdl_kernels.matmul as matmul
+    from opsdl.model import tiny_config
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, real=importlib.util.find_spec:
+                        object() if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(vllm_rollout, "unavailable_reason", lambda cfg: None)  # as where vLLM runs
+    monkeypatch.setattr(vllm_rollout, "read_model_config", lambda cfg: tiny_config("qwen3"))
+    monkeypatch.setattr(vllm_rollout, "model_reason", lambda cfg, config: None)
+    cpu = replace(CFG, device="cpu")
+    for flags, want in (({"avx512f", "avx512_bf16"}, "hf"), ({"avx2"}, "hf"), ({"avx512_bf16", "amx_bf16"}, "vllm")):
+        monkeypatch.setattr(matmul, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert resolve_rollout_engine(replace(cpu, rollout_engine="auto")) == want, flags
+        assert resolve_rollout_engine(replace(cpu, rollout_engine="vllm")) == "vllm"
