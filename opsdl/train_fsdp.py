@@ -63,7 +63,7 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None
     compute_dtype, precision = choose_compute_dtype(cfg.bf16, ranks.device)
     bf16 = compute_dtype == torch.bfloat16
-    engine_name = resolve_rollout_engine(cfg)
+    engine_name = resolve_rollout_engine(cfg, compute_dtype)
     out = Path(cfg.out)
     resume_from = resume_point(out, cfg.resume)
     if resume_from is not None and not is_sharded(resume_from):
@@ -106,9 +106,9 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     engine = None
     if cfg.objective == "opsdl":
         once = cfg.rollout_gather == "once"
-        with gathered_for_rollouts(policy, once=True) if engine_name == "vllm" else contextlib.nullcontext():
-            engine = open_rollout_engine(engine_name, cfg, policy.model, tokenizer, compute_dtype,
-                                         synced_gpus=not once and ranks.world > 1, sharded=True)
+        # (vLLM's engine takes the sharded weights, gathering each whole in turn: full_tensor)
+        engine = open_rollout_engine(engine_name, cfg, policy.model, tokenizer, compute_dtype,
+                                     synced_gpus=not once and ranks.world > 1, sharded=True)
     if ranks.main:
         print(f"opsdl train: {ranks.world} ranks ({ranks.device.type}), {len(items)} examples ({dropped} dropped as "
               f"too long), objective={cfg.objective}, teacher={cfg.teacher_model or cfg.teacher}, "
@@ -162,7 +162,8 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                         teacher_rows = teacher([o.teacher for o in owners], responses, mode="rows")
                     separate = teacher is not policy
                     with whole(teacher) if separate else contextlib.nullcontext():
-                        with timed(stats, "student", ranks.device):  # its forward and the loss's
+                        # the loss runs inside the sharded root's forward: its time is the student's here
+                        with timed(stats, "student", ranks.device):
                             loss_sum, log_ratio = policy(students, responses, mode="distill", cfg=cfg,
                                                          targets=targets, teacher_rows=teacher_rows,
                                                          teacher_head=lm_head(teacher.model) if separate else None)
@@ -184,8 +185,8 @@ def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     update_ema(ema, policy, cfg.ema_decay)
-            if engine is not None and engine.name != "hf":
-                with timed(stats, "push", ranks.device), gathered_for_rollouts(policy, once=True):
+            if engine is not None and engine.name != "hf":  # each sharded weight gathered whole in turn
+                with timed(stats, "push", ranks.device):
                     engine.update(policy.model)
 
             # the step's sums over all ranks; each phase's time is the slowest rank's

@@ -55,7 +55,11 @@ def _vllm_build() -> Optional[str]:
 
 def _imports_cleanly(module: str) -> Optional[str]:
     """None when ``module`` imports in a fresh interpreter, else the last line of its error."""
-    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        return "its import did not finish in 300 s"
     if done.returncode == 0:
         return None
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
@@ -131,14 +135,14 @@ def model_reason(cfg: TrainConfig, config) -> Optional[str]:
 
 # ---- the KV-cache budget ---------------------------------------------------------------------
 
-def kv_bytes_per_token(config) -> int:
-    """Bytes of KV cache one token takes in the compute dtype (bf16): 2 (K and V) x layers x KV heads
-    x head dim x 2 bytes, from a Hugging Face config."""
+def kv_bytes_per_token(config, value_bytes: int = 2) -> int:
+    """Bytes of KV cache one token takes in the compute dtype (``value_bytes``: 2 in bf16, 4 in
+    float32): 2 (K and V) x layers x KV heads x head dim x value_bytes, from a Hugging Face config."""
     text = getattr(config, "get_text_config", lambda: config)()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * 2
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * value_bytes
 
 
 def model_config(cfg: TrainConfig):
@@ -164,16 +168,17 @@ def read_model_config(cfg: TrainConfig):
     model's own load then says why."""
     try:
         return model_config(cfg)
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or not a config transformers knows: the load names it
         return None
 
 
-def check_cache_budget(cfg: TrainConfig, config=None) -> None:
+def check_cache_budget(cfg: TrainConfig, config=None, value_bytes: int = 2) -> None:
     """Refuse a --rollout-cache-gib that cannot hold one --max-length sequence's KV cache, in one line
     naming the size needed. ``config``: the model's Hugging Face config when known (else read from
-    --model without loading weights). Call it before the model loads."""
+    --model without loading weights); ``value_bytes``: the compute dtype's size. Call it before the
+    model loads."""
     config = config if config is not None else model_config(cfg)
-    per_token = kv_bytes_per_token(config)
+    per_token = kv_bytes_per_token(config, value_bytes)
     needed = per_token * cfg.max_length
     budget = int(cfg.rollout_cache_gib * GiB)
     if needed > budget:
@@ -260,9 +265,9 @@ class VLLMEngine:
         reason = model_reason(cfg, model.config)
         if reason is not None:
             raise ValueError(f"--rollout-engine vllm: {reason}")
-        check_cache_budget(cfg, model.config)
         if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"compute_dtype: expected bfloat16, float16 or float32, got {compute_dtype}")
+        check_cache_budget(cfg, model.config, compute_dtype.itemsize)
         self.cfg, self.dtype = cfg, compute_dtype
         # under torchrun vLLM joins the trainer's process group (its world) and makes its own groups in it
         self.trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()

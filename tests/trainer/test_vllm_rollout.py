@@ -306,20 +306,26 @@ def test_a_head_size_vllm_cpu_lacks_falls_back_or_is_refused(monkeypatch):
     assert vllm_rollout.model_reason(cfg, tiny_config("llama", hidden_size=256)) is None  # head size 64
 
 
-def test_auto_takes_vllm_only_where_it_was_measured_to_pay(monkeypatch):
-    """auto: vLLM on CUDA and on CPUs with AMX; not on a CPU without (measured there: rollouts no
-    faster than generate, the trainer's bf16 passes beside it 2.5x slower). Asked for, it runs anyway."""
+def test_a_float32_cache_needs_twice_the_budget_and_auto_falls_back(monkeypatch, capsys):
+    """--no-bf16: vLLM keeps its KV cache in float32, 4 bytes a value; the budget check counts them.
+    Under auto a budget too small means generate (said in one line), under vllm a refusal."""
     import opsdl.vllm_rollout as vllm_rollout
-    import opsdl_kernels.matmul as matmul
     from opsdl.model import tiny_config
+
+    config = tiny_config("qwen3")  # 256 bytes a token in bf16
+    assert vllm_rollout.kv_bytes_per_token(config, 4) == 2 * vllm_rollout.kv_bytes_per_token(config)
+    cfg = replace(CFG, model="tiny:qwen3", max_length=8192, rollout_cache_gib=0.002)  # 2 MiB: bf16 fits
+    vllm_rollout.check_cache_budget(cfg, config, 2)
+    with pytest.raises(ValueError, match="at 512 bytes a token"):
+        vllm_rollout.check_cache_budget(cfg, config, 4)
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, real=importlib.util.find_spec:
                         object() if name == "vllm" else real(name, *a))
-    monkeypatch.setattr(vllm_rollout, "unavailable_reason", lambda cfg: None)  # as where vLLM runs
-    monkeypatch.setattr(vllm_rollout, "read_model_config", lambda cfg: tiny_config("qwen3"))
+    monkeypatch.setattr(vllm_rollout, "unavailable_reason", lambda cfg: None)
+    monkeypatch.setattr(vllm_rollout, "read_model_config", lambda cfg: config)
     monkeypatch.setattr(vllm_rollout, "model_reason", lambda cfg, config: None)
-    cpu = replace(CFG, device="cpu")
-    for flags, want in (({"avx512f", "avx512_bf16"}, "hf"), ({"avx2"}, "hf"), ({"avx512_bf16", "amx_bf16"}, "vllm")):
-        monkeypatch.setattr(matmul, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert resolve_rollout_engine(replace(cpu, rollout_engine="auto")) == want, flags
-        assert resolve_rollout_engine(replace(cpu, rollout_engine="vllm")) == "vllm"
+    assert resolve_rollout_engine(replace(cfg, rollout_engine="auto"), torch.bfloat16) == "vllm"
+    assert resolve_rollout_engine(replace(cfg, rollout_engine="auto"), torch.float32) == "hf"
+    assert "rollouts on generate, not vLLM: --rollout-cache-gib 0.002" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--rollout-cache-gib 0.002"):
+        resolve_rollout_engine(replace(cfg, rollout_engine="vllm"), torch.float32)
