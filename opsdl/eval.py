@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .data import answer_found, make_examples
 from .files import write_atomic
-from .options import EvalConfig
+from .options import EvalConfig, check_device_option
 
 # torch, transformers and the model code load in the functions that need them, so that
 # check_eval_options (and ``opsdl eval`` refusing an option) answers without them.
@@ -68,8 +68,7 @@ def check_eval_options(cfg: EvalConfig) -> tuple[list[str], list[str], list[int]
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value!r}")
     if not cfg.rope_factor >= 1:
         raise ValueError(f"--rope-factor: expected a number >= 1, got {cfg.rope_factor!r}")
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {cfg.device!r}")
+    check_device_option(cfg.device)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out}: expected a folder, got a file")
     return models, tasks, lengths

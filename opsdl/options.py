@@ -174,5 +174,10 @@ def check_train_options(cfg: TrainConfig) -> None:
         raise ValueError("--teacher-model: --objective sft has no teacher")
     if cfg.resume and cfg.overwrite_output_dir:
         raise ValueError("--resume and --overwrite-output-dir: give one (continue the run, or start it over)")
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {cfg.device!r}")
+    check_device_option(cfg.device)
+
+
+def check_device_option(device: str) -> None:
+    """--device of every command: cpu, cuda, cuda:N or auto."""
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {device!r}")
