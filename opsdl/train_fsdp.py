@@ -30,7 +30,7 @@ from .checkpoint import (append_log, claim_output_dir, is_sharded, load_trainer_
 from .data import answer_found, load_examples
 from .fsdp import Ranks, all_reduce, gathered_for_rollouts, init_ranks, release_process_group, shard, whole
 from .fsdp_checkpoint import load_sharded_checkpoint, on_main, save_sharded_checkpoint
-from .model import check_model_source, check_tokenizer_source, enable_checkpointing, lm_head, load_model
+from .model import check_model_source, enable_checkpointing, lm_head, load_model
 from .objective import gold_answer_ids, load_teacher_model, update_ema
 from .options import TrainConfig, check_train_options
 from .precision import compute_dtype as choose_compute_dtype
@@ -57,7 +57,6 @@ def train_fsdp(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, ranks: Ranks) -> dict:
     # ---- refused before any model loads, on every rank alike ----------------------------------
     check_model_source(cfg.model)
-    check_tokenizer_source(cfg.tokenizer, cfg.model)
     if cfg.teacher_model:
         check_model_source(cfg.teacher_model, "--teacher-model")
     file_examples = load_examples(cfg.data, cfg.allow_noncontiguous) if cfg.data else None

