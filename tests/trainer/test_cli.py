@@ -158,6 +158,9 @@ def _run_and_list_imports(argv: list[str], cwd) -> tuple[int, list[str], set[str
     (["train", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["train", "--data", "nonexistent.jsonl"], "--data nonexistent.jsonl: no such file"),
     (["train", "--data", "."], "--data .: expected a file, got a folder"),
+    (["train", "--rollout-cache-gib", "0"], "--rollout-cache-gib: expected a number of GiB > 0, got 0.0"),
+    (["train", "--top-p", "0.9"], "--top-p 0.9: the rollouts would not be drawn from the distribution the loss "
+                                  "scores; use --temperature > 0 with --top-p 1, or say --off-policy"),
     (["train", "--tokenizer", "."], "--tokenizer .: only for tiny:/random: models (random weights); --model "
                                     "smollm2-135m brings its own tokenizer"),
     (["train", "--model", "tiny:llama", "--tokenizer", "."], "--tokenizer .: expected a folder holding a saved "
