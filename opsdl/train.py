@@ -21,8 +21,7 @@ from tqdm import tqdm
 from .checkpoint import (append_log, claim_output_dir, is_sharded, latest_checkpoint, load_trainer_state,
                          prune_checkpoints, resume_point, rewind_log, save_checkpoint)
 from .data import answer_found, load_examples
-from .model import (check_model_source, enable_checkpointing, lm_head, load_model,
-                    resolve_device)
+from .model import check_model_source, enable_checkpointing, lm_head, load_model, resolve_device
 from .objective import ComputeHeads, build_teacher, distillation_loss, gold_answer_ids, packed_rows, sft_loss, update_ema
 from .options import TrainConfig, check_train_options
 from .precision import compute_dtype as choose_compute_dtype
