@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, config_type, summary in (
         ("train", TrainConfig, "OPSDL training (defaults: SmolLM2 on synthetic needles, CPU)"),
         ("prepare", PrepareConfig, "(long context, short context, question) triplets from your documents"),
-        ("eval", EvalConfig, "accuracy by context length on the synthetic tasks"),
+        ("eval", EvalConfig, "accuracy by context length: our synthetic tasks or RULER (offline)"),
         ("export", ExportConfig, "the consolidated model of any checkpoint of a torchrun run (one process)"),
     ):
         sub = commands.add_parser(name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

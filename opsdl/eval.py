@@ -1,26 +1,26 @@
-"""Accuracy by context length on the synthetic long-context tasks, and a short-context check.
+"""``opsdl eval``: accuracy by context length, and a short-context check, on a suite of tasks: our
+synthetic needle tasks (``--suite synthetic``) or RULER's 13 (``--suite ruler``, ``opsdl.eval_ruler``).
 
-For each model, task and length: fresh evaluation examples (their own seed space, disjoint from any
-training seed), greedy answers under the long context, scored by exact match of every expected
-value in the output; the short-context check asks the same questions with only the evidence.
-Writes ``results.json``, ``results.md`` (task x length per model, each accuracy with its 95% Wilson
-interval) and ``accuracy.png`` (when matplotlib is installed: ``pip install matplotlib``).
+For each model, task and length: fresh evaluation samples (their own seed space, disjoint from any
+training seed; the same for every model with the same tokenizer), greedy answers under the long
+context from the rollout engine (``opsdl.eval_answers``: vLLM where installed), scored per sample;
+the short-context check asks the same questions with only the evidence. Every finished cell is
+saved with its time. Synthetic: ``results.json``, ``results.md`` (task x length per model, each
+accuracy with its 95% Wilson interval) and ``accuracy.png`` (when matplotlib is installed: ``pip
+install matplotlib``); RULER: ``ruler.json`` and ``ruler.md``, so both can share one --out.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import answer_found, make_examples
 from .files import write_atomic
-from .options import EvalConfig, check_device_option
+from .options import VLLM_NOT_INSTALLED, EvalConfig, check_device_option
 
 # torch, transformers and the model code load in the functions that need them, so that
 # check_eval_options (and ``opsdl eval`` refusing an option) answers without them.
@@ -37,94 +37,127 @@ def _csv(text: str, name: str, kind=str) -> list:
         raise ValueError(f"--{name}: expected {kind.__name__} values, got {text!r}") from None
 
 
-def accuracy(model, tokenizer, contexts: list[str], questions: list[str], answers: list[list[str]],
-             batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
-    """Greedy answers in batches; the share whose text holds every expected answer."""
-    from .rollout import prompt_ids, sample
-
-    outputs = []
-    for i in range(0, len(questions), batch_size):
-        prompts = [prompt_ids(tokenizer, c, q) for c, q in zip(contexts[i:i + batch_size], questions[i:i + batch_size])]
-        rollouts = sample(model, tokenizer, prompts, temperature=0.0, max_new_tokens=max_new_tokens)
-        outputs += [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in rollouts]
-    hits = [answer_found(text, expected) for text, expected in zip(outputs, answers)]
-    return sum(bool(h) for h in hits) / len(hits), outputs
-
-
 def check_eval_options(cfg: EvalConfig) -> tuple[list[str], list[str], list[int]]:
     """Every option that can be refused without torch, before any model loads (``opsdl eval`` runs
     it before importing the rest): the models, tasks and lengths it will evaluate."""
-    models, tasks = _csv(cfg.model, "model"), _csv(cfg.tasks, "tasks")
-    lengths = _csv(cfg.lengths, "lengths", int)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"--tasks: expected tasks among {', '.join(TASKS)}, got {', '.join(unknown)}")
+    models, lengths = _csv(cfg.model, "model"), _csv(cfg.lengths, "lengths", int)
+    requested = _csv(cfg.tasks, "tasks") if cfg.tasks is not None else None
+    if cfg.suite == "ruler":
+        from .ruler import RULER_TASKS, check_ruler_options
+
+        tasks = check_ruler_options(requested or list(RULER_TASKS), cfg.essays, cfg.squad, cfg.hotpotqa,
+                                    explicit_tasks=requested is not None)
+    else:
+        tasks = requested or list(TASKS)
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"--tasks: expected tasks among {', '.join(TASKS)}, got {', '.join(unknown)}")
+        given = [name for name in ("essays", "squad", "hotpotqa") if getattr(cfg, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0]}: expected only with --suite ruler, got --suite {cfg.suite}")
     short = [n for n in lengths if n < 64]
     if short:
         raise ValueError(f"--lengths: expected lengths >= 64 tokens, got {', '.join(map(str, short))}")
     for name in ("samples", "batch_size", "max_new_tokens"):
         value = getattr(cfg, name)
+        if name == "max_new_tokens" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value!r}")
     if not cfg.rope_factor >= 1:
         raise ValueError(f"--rope-factor: expected a number >= 1, got {cfg.rope_factor!r}")
+    if not cfg.cache_gib > 0:
+        raise ValueError(f"--cache-gib: expected a number > 0, got {cfg.cache_gib!r}")
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"--engine vllm: {VLLM_NOT_INSTALLED}")
     check_device_option(cfg.device)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out}: expected a folder, got a file")
     return models, tasks, lengths
 
 
+def _suite(cfg: EvalConfig):
+    if cfg.suite == "ruler":
+        from .eval_ruler import RulerSuite
+
+        return RulerSuite(cfg)
+    from .eval_synthetic import SyntheticSuite
+
+    return SyntheticSuite(cfg)
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     models, tasks, lengths = check_eval_options(cfg)
-    from .model import check_model_source, load_model, resolve_device
+    from .eval_answers import Answerer
+    from .model import check_model_source, load_tokenizer, resolve_device
 
     for name in models:  # a missing checkpoint is said now, not after the models before it have run
         check_model_source(name)
     device = resolve_device(cfg.device)
+    suite = _suite(cfg)
+    tokenizers = {name: load_tokenizer(name) for name in models}
+    for tokenizer in tokenizers.values():  # a length too short for a task: said before any model loads
+        suite.check_lengths(tokenizer, tasks, lengths)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _finished_rows(out / "results.json", cfg)
+    results = out / f"{suite.results_name}.json"
+    rows = _finished_rows(results, cfg)
+
+    def save() -> None:
+        write_atomic(results, json.dumps({"config": asdict(cfg), **suite.describe(), "rows": rows}, indent=1))
+
     for name in models:
         cells = [(t, n) for t in tasks for n in lengths
                  if not any((r["model"], r["task"], r["length"]) == (name, t, n) for r in rows)]
         if not cells:
             continue
-        model, tokenizer = load_model(name, device=device, rope_factor=cfg.rope_factor)
+        # every prompt first: the engine is sized to the longest
+        items = {cell: suite.items(*cell, tokenizers[name]) for cell in tqdm(cells, desc=f"opsdl eval: samples for {name}")}
+        longest = max(len(p) + i.max_new_tokens for cell in items.values() for i in cell
+                      for p in (i.prompt, i.evidence_prompt or []))
+        answerer = Answerer(cfg, name, device, longest)
+        print(f"opsdl eval: {name}: {answerer.description}")
+        try:
+            for task, length in tqdm(cells, desc=f"opsdl eval {name}"):
+                row = _measure(cfg, suite, answerer, name, task, length, items.pop((task, length)))
+                rows.append(row)
+                tqdm.write(f"opsdl eval: {name} {task} {length} tokens: {row['accuracy']:.3f} "
+                           f"({row['samples']} samples, {row['seconds']:.1f} s)")
+                save()  # every finished cell is saved: a killed evaluation continues where it stopped
+        finally:
+            answerer.close()
+    save()
+    table = suite.report(rows)
+    write_atomic(out / f"{suite.results_name}.md", table)
+    suite.draw(rows, out)
+    print(table)
+    return {"config": asdict(cfg), **suite.describe(), "rows": rows}
 
-        def count_tokens(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False).input_ids)
 
-        for task, length in tqdm(cells, desc=f"opsdl eval {name}"):
-            examples = make_examples(task, cfg.samples, length, count_tokens, cfg.seed, split="eval")
-            answers = [e.answers() for e in examples]
-            questions = [e.question for e in examples]
-            row = {"model": name, "task": task, "length": length, "samples": len(examples)}
-            started = time.perf_counter()
-            row["accuracy"], outputs = accuracy(model, tokenizer, [e.long_context for e in examples], questions,
-                                                answers, cfg.batch_size, cfg.max_new_tokens)
-            if cfg.short_context_check:
-                row["short_accuracy"], _ = accuracy(model, tokenizer, [e.short_context for e in examples],
-                                                    questions, answers, cfg.batch_size, cfg.max_new_tokens)
-            row["seconds"] = time.perf_counter() - started
-            row["examples"] = [{"id": e.id, "answer": a, "output": o} for e, a, o in zip(examples[:3], answers, outputs)]
-            rows.append(row)
-            # every finished cell is saved: a killed evaluation continues where it stopped
-            write_atomic(out / "results.json", json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
-        del model
-    result = {"config": asdict(cfg), "rows": rows}
-    write_atomic(out / "results.json", json.dumps(result, indent=1))
-    write_atomic(out / "results.md", markdown(rows))
-    if importlib.util.find_spec("matplotlib") is not None:
-        plot(rows, out / "accuracy.png")
-    else:
-        print(f"opsdl eval: matplotlib is not installed, so no {out / 'accuracy.png'} "
-              "(`pip install matplotlib` to get the plot; the tables are in results.md)")
-    print(markdown(rows))
-    return result
+def _measure(cfg: EvalConfig, suite, answerer, name: str, task: str, length: int, items: list) -> dict:
+    """One cell: greedy answers under the long context and, with --short-context-check, under the
+    evidence alone (one engine call for both), scored per sample."""
+    started = time.perf_counter()
+    evidence = [i for i in items if i.evidence_prompt is not None] if cfg.short_context_check else []
+    outputs = answerer.answers([i.prompt for i in items] + [i.evidence_prompt for i in evidence],
+                               items[0].max_new_tokens)
+    long_outputs, short_outputs = outputs[:len(items)], outputs[len(items):]
+    scores = [suite.score(task, o, i.answers) for o, i in zip(long_outputs, items)]
+    row = {"model": name, "task": task, "length": length, "samples": len(items),
+           "prompt_tokens": round(sum(len(i.prompt) for i in items) / len(items), 1),
+           "accuracy": sum(scores) / len(scores), "scores": scores}
+    if evidence:
+        short_scores = [suite.score(task, o, i.answers) for o, i in zip(short_outputs, evidence)]
+        row["short_accuracy"], row["short_scores"] = sum(short_scores) / len(short_scores), short_scores
+    row["seconds"] = time.perf_counter() - started
+    row["engine"] = answerer.description
+    row["examples"] = [{"id": i.id, "answer": list(i.answers), "output": o} for i, o in zip(items, long_outputs)]
+    return row
 
 
 # settings that change what a cell measures: rows saved under other values are not reused
-_CELL_SETTINGS = ("samples", "seed", "max_new_tokens", "short_context_check", "rope_factor")
+_CELL_SETTINGS = ("suite", "samples", "seed", "max_new_tokens", "short_context_check", "rope_factor", "bf16", "essays",
+                  "squad", "hotpotqa")
 
 
 def _finished_rows(path: Path, cfg: EvalConfig) -> list[dict]:
@@ -134,63 +167,3 @@ def _finished_rows(path: Path, cfg: EvalConfig) -> list[dict]:
     if any(saved["config"].get(k) != getattr(cfg, k) for k in _CELL_SETTINGS):
         return []
     return saved["rows"]
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion ``hits / n`` (sound at 0 and n, unlike p +- 2 SE)."""
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _with_interval(accuracies: list[float], counts: list[int]) -> str:
-    """Pooled accuracy over cells and its interval: '0.78 [0.63, 0.88]'."""
-    hits, n = sum(round(a * c) for a, c in zip(accuracies, counts)), sum(counts)
-    low, high = wilson_interval(hits, n)
-    return f"{hits / n:.2f} [{low:.2f}, {high:.2f}]"
-
-
-def markdown(rows: list[dict]) -> str:
-    """Accuracy per model, task and length, and the evidence-only accuracy pooled over lengths;
-    each with its 95% interval in brackets."""
-    lengths = sorted({r["length"] for r in rows})
-    lines = ["| model | task | " + " | ".join(f"{n} tokens" for n in lengths) + " | evidence only |",
-             "|---|---|" + "---|" * (len(lengths) + 1)]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for task in dict.fromkeys(r["task"] for r in rows):
-            cells = {r["length"]: r for r in rows if r["model"] == model and r["task"] == task}
-            if not cells:
-                continue
-            by_length = " | ".join(_with_interval([cells[n]["accuracy"]], [cells[n]["samples"]]) if n in cells
-                                   else "-" for n in lengths)
-            short = [c for c in cells.values() if "short_accuracy" in c]
-            evidence = _with_interval([c["short_accuracy"] for c in short], [c["samples"] for c in short]) \
-                if short else "-"
-            lines.append(f"| {model} | {task} | {by_length} | {evidence} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            points = sorted((r["length"], r["accuracy"]) for r in rows if r["model"] == model and r["task"] == task)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(task)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)

@@ -139,14 +139,11 @@ def load_model(
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     random_weights = name_or_path.startswith(("tiny:", "random:"))
     try:
-        if random_weights and tokenizer_path:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        elif random_weights or name_or_path == EMBEDDED_MODEL:
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code, tokenizer_path=tokenizer_path)
+        if name_or_path == EMBEDDED_MODEL:
             source, extra = embedded_model_dir(), {"gguf_file": _EMBEDDED_GGUF}
-            tokenizer = copy.deepcopy(_embedded_tokenizer())
         else:
             source, extra = name_or_path, {}
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if random_weights:
             torch.manual_seed(seed)
             kind, name = name_or_path.split(":", 1)
@@ -168,6 +165,17 @@ def load_model(
     model.to(device)
     lm_head(model)  # fail early on a model without one
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str = EMBEDDED_MODEL, *, trust_remote_code: bool = False,
+                   tokenizer_path: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """The tokenizer ``load_model`` gives with ``name_or_path``, without the weights (``tokenizer_path``
+    as there: for ``tiny:``/``random:`` models). Raises OSError where it cannot be read."""
+    if name_or_path.startswith(("tiny:", "random:")) and tokenizer_path:
+        return AutoTokenizer.from_pretrained(tokenizer_path)
+    if name_or_path.startswith(("tiny:", "random:")) or name_or_path == EMBEDDED_MODEL:
+        return copy.deepcopy(_embedded_tokenizer())
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def stretch_rope(model: PreTrainedModel, factor: float) -> None:

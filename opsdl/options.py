@@ -100,12 +100,25 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     model: str = option(EMBEDDED_MODEL, "comma-separated models or checkpoints to compare")
-    tasks: str = option("multikey,multivalue,vartrack", "comma-separated synthetic tasks")
-    lengths: str = option("1024,2048,4096", "comma-separated long-context lengths in tokens")
+    suite: str = option("synthetic", "synthetic: our needle tasks (multikey, multivalue, vartrack); ruler: RULER's "
+                                     "13 tasks, offline", ("synthetic", "ruler"))
+    tasks: Optional[str] = option(None, "comma-separated tasks; default: the suite's (synthetic: all three; ruler: all "
+                                        "13, the QA pair where --squad / --hotpotqa are given)")
+    lengths: str = option("1024,2048,4096", "comma-separated context lengths in tokens (ruler: prompt and answer "
+                                            "budget together, as RULER counts them)")
     samples: int = option(40, "examples per (task, length)")
     seed: int = option(0, "evaluation seed (its own seed space: never a training example)")
-    batch_size: int = option(4, "prompts per generate call")
-    max_new_tokens: int = option(64, "answer length limit (multivalue answers need about 40 tokens)")
+    batch_size: int = option(4, "prompts per generate call (the hf engine; vLLM schedules a whole cell at once)")
+    max_new_tokens: Optional[int] = option(None, "answer length limit; default: 64 (synthetic: multivalue answers "
+                                                 "need about 40 tokens), RULER's per-task budgets (ruler)")
+    essays: Optional[str] = option(None, "ruler: the essay haystack, a folder of .txt files or RULER's "
+                                         "PaulGrahamEssays.json; default: CPython's own pydoc_data.topics prose")
+    squad: Optional[str] = option(None, "ruler: a SQuAD v2 JSON file (dev-v2.0.json) for qa_1")
+    hotpotqa: Optional[str] = option(None, "ruler: a HotpotQA JSON file (hotpot_dev_distractor_v1.json) for qa_2")
+    engine: str = option("auto", "hf: transformers generate; vllm: a vLLM engine in this process; auto: vllm where "
+                                 "it is installed and runs, else hf", ("auto", "hf", "vllm"))
+    cache_gib: float = option(2.0, "vLLM's KV-cache budget in GiB; it must hold the longest prompt and its answer")
+    bf16: Optional[bool] = option(None, "bf16 compute; default: on where bf16 products are fast (as opsdl train)")
     rope_factor: float = option(1.0, "stretch each model's RoPE window by this factor (linear scaling)")
     short_context_check: bool = option(True, "also ask each question with only the evidence as context")
     out: str = option("runs/eval", "output folder")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -17,9 +17,11 @@ from .rollout import Rollout, sample
 class RolloutEngine(Protocol):
     name: str
 
-    def sample(self, prompts: Sequence[Sequence[int]], samples_per_prompt: int, seed: int) -> list[Rollout]:
+    def sample(self, prompts: Sequence[Sequence[int]], samples_per_prompt: int, seed: int, *,
+               max_new_tokens: Optional[int] = None) -> list[Rollout]:
         """``samples_per_prompt`` responses to each prompt (token ids in, token ids out), drawn from
-        softmax(logits / --temperature) of the current weights, reproducible from ``seed``."""
+        softmax(logits / --temperature) of the current weights, reproducible from ``seed``; at most
+        ``max_new_tokens`` tokens each (default: --max-new-tokens)."""
 
     def update(self, model: torch.nn.Module) -> None:
         """Take ``model``'s current weights (after an optimizer step, or a resume)."""
@@ -44,10 +46,11 @@ class GenerateEngine:
         weights_dtype = next(model.parameters()).dtype
         self.sampler = model if sharded or compute_dtype == weights_dtype else _cast_copy(model, compute_dtype)
 
-    def sample(self, prompts: Sequence[Sequence[int]], samples_per_prompt: int, seed: int) -> list[Rollout]:
+    def sample(self, prompts: Sequence[Sequence[int]], samples_per_prompt: int, seed: int, *,
+               max_new_tokens: Optional[int] = None) -> list[Rollout]:
         torch.manual_seed(seed)
         return sample(self.sampler, self.tokenizer, prompts, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                      max_new_tokens=self.cfg.max_new_tokens, samples_per_prompt=samples_per_prompt,
+                      max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, samples_per_prompt=samples_per_prompt,
                       synced_gpus=self.synced_gpus)
 
     def update(self, model: torch.nn.Module) -> None:
@@ -96,7 +99,7 @@ def resolve_rollout_engine(cfg: TrainConfig, compute_dtype: torch.dtype = torch.
         except ValueError as too_small:
             if cfg.rollout_engine == "vllm":
                 raise
-            print(f"opsdl train: rollouts on generate, not vLLM: {too_small}")
+            print(f"opsdl: rollouts on generate, not vLLM: {too_small}")
             return "hf"
     return "vllm"
 

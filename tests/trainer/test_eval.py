@@ -8,7 +8,8 @@ import pytest
 
 from opsdl.cli import main
 from opsdl.data import answer_found, make_examples
-from opsdl.eval import EvalConfig, evaluate, markdown
+from opsdl.eval import EvalConfig, evaluate
+from opsdl.eval_synthetic import markdown
 from opsdl.train import TrainConfig, train
 
 
@@ -37,7 +38,7 @@ def test_scoring_on_hand_written_outputs():
 
 
 def test_wilson_interval_against_the_closed_form_and_the_edges():
-    from opsdl.eval import wilson_interval
+    from opsdl.intervals import wilson_interval
 
     low, high = wilson_interval(0, 40)
     assert low == 0.0 and abs(high - 1.96**2 / (40 + 1.96**2)) < 1e-12  # k = 0: upper = z^2 / (n + z^2)
@@ -69,16 +70,16 @@ def test_sft_objective_trains_on_gold_answers(tmp_path):
 
 
 def test_eval_resumes_finished_cells(tmp_path, monkeypatch):
-    import opsdl.eval as ev
+    from opsdl.eval_answers import Answerer
 
     calls = []
-    real = ev.accuracy
+    real = Answerer.answers
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "accuracy", counting)
+    monkeypatch.setattr(Answerer, "answers", counting)
     cfg = dict(model="tiny:llama", tasks="multikey", samples=2, max_new_tokens=3, out=str(tmp_path), device="cpu",
                short_context_check=False)
     evaluate(EvalConfig(**cfg, lengths="64"))
@@ -92,7 +93,7 @@ def test_eval_resumes_finished_cells(tmp_path, monkeypatch):
 def test_without_matplotlib_the_tables_are_written_and_the_missing_plot_is_said(tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    import opsdl.eval as ev
+    import opsdl.eval_synthetic as ev
 
     real = importlib.util.find_spec
     monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
@@ -123,12 +124,12 @@ def test_bad_options_are_refused_before_any_model(tmp_path, change, message):
 
 
 def test_out_that_is_a_file_and_a_missing_model_are_refused_before_the_first_model_runs(tmp_path, monkeypatch):
-    import opsdl.eval as ev
+    from opsdl.eval_answers import Answerer
 
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"^--out .*file: expected a folder, got a file$"):
         evaluate(EvalConfig(model="tiny:llama", out=str(tmp_path / "file")))
-    monkeypatch.setattr(ev, "accuracy", lambda *a, **k: pytest.fail("a model was evaluated before all were checked"))
+    monkeypatch.setattr(Answerer, "__init__", lambda *a, **k: pytest.fail("a model was loaded before all were checked"))
     missing = tmp_path / "runs" / "checkpoint-000005"
     with pytest.raises(ValueError, match=rf"^--model {re.escape(str(missing))}: no such model folder"):
         evaluate(EvalConfig(model=f"tiny:llama,{missing}", lengths="64", samples=1, out=str(tmp_path / "e"),
