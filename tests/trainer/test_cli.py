@@ -168,6 +168,12 @@ def _run_and_list_imports(argv: list[str], cwd) -> tuple[int, list[str], set[str
     (["eval", "--samples", "0"], "--samples: expected an integer >= 1, got 0"),
     (["eval", "--lengths", "1024,x"], "--lengths: expected int values, got '1024,x'"),
     (["eval", "--tasks", "multikey,needle"], "--tasks: expected tasks among multikey, multivalue, vartrack, got needle"),
+    (["eval", "--suite", "ruler", "--tasks", "niah_single_1,qa_1"],
+     "--squad: qa_1 needs a SQuAD v2 dev JSON (RULER's squad.json: dev-v2.0.json, {\"data\": [{\"paragraphs\": "
+     "...}]}); got no --squad file"),
+    (["eval", "--suite", "ruler", "--hotpotqa", "nonexistent.json"],
+     "--hotpotqa nonexistent.json: expected a HotpotQA dev JSON (RULER's hotpotqa.json: hotpot_dev_distractor_v1.json, "
+     "[{\"question\", \"answer\", \"context\": [[title, sentences]]}]), got no such file"),
     (["prepare"], "give exactly one of --docs PATH and --pydoc MODULES (got neither)"),
     (["prepare", "--docs", "nonexistent.jsonl"], "--docs nonexistent.jsonl: no such file or folder"),
     (["prepare", "--pydoc", "json", "--segments-per-doc", "0"], "--segments-per-doc: expected an integer >= 1, got 0"),
