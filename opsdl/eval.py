@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .files import write_atomic
-from .options import VLLM_NOT_INSTALLED, EvalConfig, check_device_option
+from .options import VLLM_NOT_INSTALLED, EvalConfig, check_device_option, eval_wording
 
 # torch, transformers and the model code load in the functions that need them, so that
 # check_eval_options (and ``opsdl eval`` refusing an option) answers without them.
@@ -69,7 +69,7 @@ def check_eval_options(cfg: EvalConfig) -> tuple[list[str], list[str], list[int]
     if not cfg.cache_gib > 0:
         raise ValueError(f"--cache-gib: expected a number > 0, got {cfg.cache_gib!r}")
     if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError(f"--engine vllm: {VLLM_NOT_INSTALLED}")
+        raise ValueError(eval_wording(f"--rollout-engine vllm: {VLLM_NOT_INSTALLED}"))
     check_device_option(cfg.device)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out}: expected a folder, got a file")
@@ -101,7 +101,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / f"{suite.results_name}.json"
-    rows = _finished_rows(results, cfg)
+    rows = _finished_rows(results, cfg, suite.describe())
 
     def save() -> None:
         write_atomic(results, json.dumps({"config": asdict(cfg), **suite.describe(), "rows": rows}, indent=1))
@@ -160,10 +160,21 @@ _CELL_SETTINGS = ("suite", "samples", "seed", "max_new_tokens", "short_context_c
                   "squad", "hotpotqa")
 
 
-def _finished_rows(path: Path, cfg: EvalConfig) -> list[dict]:
+def _finished_rows(path: Path, cfg: EvalConfig, described: dict) -> list[dict]:
+    """The cells a killed or earlier evaluation into --out finished, when measured as this one would
+    measure them; a file measured otherwise is refused, naming the setting, never overwritten."""
     if not path.exists():
         return []
     saved = json.loads(path.read_text())
-    if any(saved["config"].get(k) != getattr(cfg, k) for k in _CELL_SETTINGS):
-        return []
+    old_defaults = {"suite": "synthetic"}  # files from before the option existed
+    for key in _CELL_SETTINGS:
+        then, now = saved["config"].get(key, old_defaults.get(key, "(not recorded)")), getattr(cfg, key)
+        if then != now:
+            raise ValueError(f"--out {path.parent}: {path.name} holds cells measured with {key}={then!r}, not "
+                             f"{now!r}; give another --out (or move {path.name} away) to measure anew")
+    for key, now in described.get("sources", {}).items():
+        then = saved.get("sources", {}).get(key)
+        if then != now:
+            raise ValueError(f"--out {path.parent}: {path.name} holds cells measured on {key} {then!r}, not {now!r}; "
+                             "give another --out (or move it away) to measure anew")
     return saved["rows"]

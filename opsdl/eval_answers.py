@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from .model import load_model
-from .options import EvalConfig, TrainConfig
+from .options import EvalConfig, TrainConfig, eval_wording
 from .precision import compute_dtype
 from .rollout_engines import RolloutEngine, open_rollout_engine, resolve_rollout_engine
 
@@ -35,13 +35,26 @@ class Answerer:
         self.cfg = cfg
         model, self.tokenizer = load_model(name, device=device, rope_factor=cfg.rope_factor, seed=cfg.seed)
         dtype, why = compute_dtype(cfg.bf16, device)
+        engine = cfg.engine
+        window = getattr(model.config, "max_position_embeddings", None)
+        if window is not None and longest > window and engine != "hf":  # vLLM refuses prompts past the window
+            past = (f"{longest} tokens (the longest prompt and answer of --lengths) are past {name}'s window of "
+                    f"{window} (max_position_embeddings, times --rope-factor)")
+            if engine == "vllm":
+                raise ValueError(f"--engine vllm: {past}, which vLLM refuses; use --engine hf (the model then runs "
+                                 "past its window), a larger --rope-factor, or shorter --lengths")
+            print(f"opsdl eval: {name}: answers on generate, not vLLM: {past}")
+            engine = "hf"
         # greedy: the engines' sampling options as evaluation needs them (temperature 0 is off-policy
         # for training, which does not apply here)
-        engine_cfg = TrainConfig(model=name, temperature=0.0, off_policy=True, rollout_engine=cfg.engine,
+        engine_cfg = TrainConfig(model=name, temperature=0.0, off_policy=True, rollout_engine=engine,
                                  rollout_cache_gib=cfg.cache_gib, max_length=longest, seed=cfg.seed,
                                  device=cfg.device, max_new_tokens=1)
-        kind = resolve_rollout_engine(engine_cfg, dtype)
-        self.engine: RolloutEngine = open_rollout_engine(kind, engine_cfg, model, self.tokenizer, dtype)
+        try:
+            kind = resolve_rollout_engine(engine_cfg, dtype)
+            self.engine: RolloutEngine = open_rollout_engine(kind, engine_cfg, model, self.tokenizer, dtype)
+        except ValueError as refused:  # the engines speak of opsdl train's options
+            raise ValueError(eval_wording(str(refused))) from None
         self.batch_size = cfg.batch_size if kind == "hf" else None  # vLLM batches a whole call itself
         self.description = f"{kind} engine; {why}"
         self.seconds = 0.0

@@ -10,9 +10,9 @@ import json
 from typing import Callable
 
 from .eval_answers import EvalItem
-from .intervals import paired_difference, wilson_interval
+from .intervals import paired_difference, sign_test, wilson_interval
 from .options import EvalConfig
-from .ruler import RULER_TASKS, answer_budget, load_sources, make_samples, minimum_length, score
+from .ruler import QA_OPTIONS, RULER_TASKS, load_sources, make_samples, minimum_length, score, too_short_error
 
 
 def ruler_prompt_ids(tokenizer, prompt: str, answer_prefix: str) -> list[int]:
@@ -38,8 +38,10 @@ class RulerSuite:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         self.sources = load_sources(cfg.essays, cfg.squad, cfg.hotpotqa)
-        files = {"qa_1": ("--squad", cfg.squad), "qa_2": ("--hotpotqa", cfg.hotpotqa)}
-        self.not_run = {task: f"no {option} file given" for task, (option, path) in files.items() if path is None}
+        files = {"qa_1": cfg.squad, "qa_2": cfg.hotpotqa}
+        # the default task list leaves out the QA tasks whose files are not given: said in the report
+        self.not_run = {} if cfg.tasks is not None else \
+            {task: f"no {QA_OPTIONS[task]} file given" for task, path in files.items() if path is None}
         self._samples: dict[tuple[str, str, int], list] = {}
 
     def _count_tokens(self, tokenizer) -> Callable[[str, str], int]:
@@ -52,8 +54,7 @@ class RulerSuite:
             need = minimum_length(task, count, self.sources)
             short = [n for n in lengths if n < need]
             if short:
-                raise ValueError(f"--lengths {short[0]}: expected at least {need} tokens for {task} (its template, "
-                                 f"needles and {answer_budget(task)}-token answer budget), got {short[0]}")
+                raise too_short_error(task, short[0], need)
 
     def items(self, task: str, length: int, tokenizer) -> list[EvalItem]:
         key = (_tokenizer_key(tokenizer), task, length)
@@ -110,9 +111,10 @@ def markdown(rows: list[dict], described: dict) -> str:
              f"qa_2 (HotpotQA): {sources['hotpotqa'] or 'not run: ' + described['not_run'].get('qa_2', 'not asked')}.",
              "Scores: RULER's (string_match_all: the share of expected strings in the answer; string_match_part "
              "for QA: any), x100, the mean over samples with its 95% Wilson interval in brackets; the average of a "
-             "length is the mean over its tasks (equal samples per task). Evidence only: the same questions with "
-             "only the needles / chain / gold documents as context, pooled over lengths.", "",
-             "## Per-length average", "",
+             f"length is the mean over the {len(tasks)} of RULER's {len(RULER_TASKS)} tasks run here (equal samples "
+             "per task), comparable to RULER's own average only when all 13 ran. Evidence only: the same questions "
+             "with only the needles / chain / RULER's gold documents as context, pooled over lengths.", "",
+             f"## Per-length average ({len(tasks)} of {len(RULER_TASKS)} tasks)", "",
              "| model | " + " | ".join(f"{n}" for n in lengths) + " | mean of lengths |",
              "|---|" + "---|" * (len(lengths) + 1)]
     for model in models:
@@ -139,13 +141,14 @@ def markdown(rows: list[dict], described: dict) -> str:
 
 
 def _comparisons(models, tasks, lengths, cell, length_scores) -> list[str]:
-    """Each model against the first on the same samples: the cells whose paired 95% interval of the
-    change excludes 0, and how many did not move."""
+    """Each model against the first on the same samples: the cells where the exact sign test of the
+    per-sample differences gives p < 0.05, and how many did not move."""
     base = models[0]
     lines = ["", f"## Against {base}, on the same samples", "",
-             "Change in points with the 95% interval of the paired mean difference (mean +- 1.96 sd / sqrt(n)); "
-             "listed where the interval excludes 0.", "",
-             "| model | task | length | change |", "|---|---|---|---|"]
+             "Change in points with the 95% normal interval of the paired mean difference (mean +- 1.96 sd / "
+             "sqrt(n)), and the two-sided exact sign test's p over the samples whose score changed; listed where "
+             "p < 0.05.", "",
+             "| model | task | length | change | sign test p |", "|---|---|---|---|---|"]
     unmoved = {}
     for model in models[1:]:
         unmoved[model] = 0
@@ -158,12 +161,12 @@ def _comparisons(models, tasks, lengths, cell, length_scores) -> list[str]:
             for task, scores, baseline in pairs:
                 if len(scores) != len(baseline):
                     continue  # other sample counts: not the same samples
-                _, low, high = paired_difference(scores, baseline)
-                if low > 0 or high < 0:
-                    lines.append(f"| {model} | {task} | {length} | {_change(scores, baseline)} |")
+                p = sign_test(scores, baseline)
+                if p < 0.05:
+                    lines.append(f"| {model} | {task} | {length} | {_change(scores, baseline)} | {p:.2g} |")
                 else:
                     unmoved[model] += 1
-    lines += [""] + [f"{model}: {count} other cells (task or average x length) within their intervals."
+    lines += [""] + [f"{model}: {count} other cells (task or average x length) with p >= 0.05."
                      for model, count in unmoved.items()]
     return lines
 

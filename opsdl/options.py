@@ -97,6 +97,14 @@ class TrainConfig:
     overwrite_output_dir: bool = option(False, "start over in a non-empty --out (its log and checkpoints are removed)")
 
 
+def eval_wording(message: str) -> str:
+    """A rollout engine's message in ``opsdl eval``'s option names (the engines name ``opsdl train``'s)."""
+    for train_option, eval_option in (("--rollout-engine", "--engine"), ("--rollout-cache-gib", "--cache-gib"),
+                                      ("--max-length", "the longest prompt and answer (--lengths)")):
+        message = message.replace(train_option, eval_option)
+    return message
+
+
 @dataclass
 class EvalConfig:
     model: str = option(EMBEDDED_MODEL, "comma-separated models or checkpoints to compare")

@@ -39,7 +39,8 @@ from .ruler_sources import (HOTPOTQA_EXPECTED, QASet, RulerSources, SQUAD_EXPECT
                             split_sentences, wonderwords_list)
 
 __all__ = ["RULER_TASKS", "QA_TASKS", "QA_OPTIONS", "RulerSample", "RulerSources", "answer_budget",
-           "check_ruler_options", "load_sources", "make_samples", "minimum_length", "score", "postprocess_pred"]
+           "check_ruler_options", "load_sources", "make_samples", "minimum_length", "score", "postprocess_pred",
+           "too_short_error"]
 
 CountTokens = Callable[[str, str], int]
 
@@ -633,6 +634,12 @@ def minimum_length(task: str, count_tokens: CountTokens, sources: RulerSources) 
     raise AssertionError("unreachable")
 
 
+def too_short_error(task: str, length: int, minimum: int) -> ValueError:
+    """The refusal of a length below ``minimum`` (``minimum_length``, or what a sample needs)."""
+    return ValueError(f"--lengths {length}: expected at least {minimum} tokens for {task} (its template, needles and "
+                      f"{answer_budget(task)}-token answer budget), got {length}")
+
+
 def make_samples(task: str, length: int, count: int, count_tokens: CountTokens, seed: int,
                  sources: RulerSources) -> list[RulerSample]:
     """``count`` samples of ``task`` whose prompt (through ``count_tokens``, which applies the chat
@@ -644,10 +651,14 @@ def make_samples(task: str, length: int, count: int, count_tokens: CountTokens, 
     budget = answer_budget(task)
 
     def too_short(need: int) -> ValueError:
-        minimum = max(need, minimum_length(task, count_tokens, sources))
-        return ValueError(f"--lengths {length}: expected at least {minimum} tokens for {task} (its template, needles "
-                          f"and {budget}-token answer budget), got {length}")
+        return too_short_error(task, length, max(need, minimum_length(task, count_tokens, sources)))
 
+    if _family(task) == "qa":
+        qaset = sources.squad if task == "qa_1" else sources.hotpotqa
+        if qaset is not None and count > len(qaset.qas):
+            source = sources.squad_source if task == "qa_1" else sources.hotpotqa_source
+            raise ValueError(f"--samples {count}: expected at most {len(qaset.qas)} for {task} (the answerable questions "
+                             f"in {source}), got {count}")
     shared = _shared(task, count_tokens, seed)
     samples, hint = [], None
     for index in range(count):

@@ -86,8 +86,10 @@ def test_eval_resumes_finished_cells(tmp_path, monkeypatch):
     assert len(calls) == 1
     result = evaluate(EvalConfig(**cfg, lengths="64,96"))  # only the new length is measured
     assert len(calls) == 2 and sorted(r["length"] for r in result["rows"]) == [64, 96]
-    evaluate(EvalConfig(**{**cfg, "samples": 3}, lengths="64"))  # other settings: nothing reused
-    assert len(calls) == 3
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ValueError, match=r"results\.json holds cells measured with samples=2, not 3; give another --out"):
+        evaluate(EvalConfig(**{**cfg, "samples": 3}, lengths="64"))  # other settings: refused, the file kept
+    assert len(calls) == 2 and (tmp_path / "results.json").read_text() == before
 
 
 def test_without_matplotlib_the_tables_are_written_and_the_missing_plot_is_said(tmp_path, monkeypatch, capsys):

@@ -54,23 +54,44 @@ def test_ruler_end_to_end_on_tiny_models_same_samples_for_both(tmp_path, monkeyp
     for row in rows:
         assert len(row["scores"]) == 2 and all(0 <= s <= 1 for s in row["scores"])
         assert row["seconds"] > 0 and row["engine"].startswith("hf engine")
-        assert row["prompt_tokens"] <= row["length"]
+        assert row["prompt_tokens"] + 3 <= row["length"]
         assert ("short_scores" in row) == (row["task"] not in ("cwe", "fwe"))  # CWE/FWE have no evidence apart
     by_model = {}
     for row in rows:
         by_model.setdefault(row["model"], []).append([e["answer"] for e in row["examples"]])
     assert by_model["tiny:llama"] == by_model["tiny:qwen2"]  # one tokenizer: the same samples
     saved = json.loads((tmp_path / "ruler.json").read_text())
-    assert saved["rows"] == rows and saved["not_run"] == {"qa_1": "no --squad file given",
-                                                          "qa_2": "no --hotpotqa file given"}
+    assert saved["rows"] == rows and saved["not_run"] == {}  # tasks named: the QA pair was not asked for
     assert "pydoc_data" in saved["sources"]["essays"]
     table = (tmp_path / "ruler.md").read_text()
-    assert "qa_1 (SQuAD): not run: no --squad file given." in table and "| **average** |" in table
+    assert "qa_1 (SQuAD): not run: not asked." in table and "| **average** |" in table
     assert "pydoc_data" in table and "## Against tiny:llama, on the same samples" in table
     # a finished evaluation is not measured again
     monkeypatch.setattr(Answerer, "__init__", lambda *a, **k: pytest.fail("a finished cell was measured again"))
     evaluate(cfg)
     assert len(json.loads((tmp_path / "ruler.json").read_text())["rows"]) == 10
+
+
+def test_prompts_are_rulers_in_the_chat_template_and_fit_their_length():
+    from opsdl.eval_ruler import RulerSuite
+    from opsdl.model import load_tokenizer
+    from opsdl.ruler import answer_budget
+
+    tokenizer = load_tokenizer("tiny:llama")
+    suite = RulerSuite(EvalConfig(suite="ruler", samples=3))
+    # the default task list without QA files: the QA pair is reported as not run, and why
+    assert suite.not_run == {"qa_1": "no --squad file given", "qa_2": "no --hotpotqa file given"}
+    for task in ("niah_single_1", "niah_multiquery", "fwe"):
+        for item in suite.items(task, 700, tokenizer):
+            assert len(item.prompt) + answer_budget(task) <= 700 and item.max_new_tokens == answer_budget(task)
+            text = tokenizer.decode(item.prompt)
+            # the user's turn closes, the assistant's opens, and RULER's answer prefix follows
+            if task == "fwe":
+                assert text.endswith("<|im_end|>\n<|im_start|>assistant\n Answer: According to the coded text above, "
+                                     "the three most frequently appeared words are:")
+            else:
+                assert "<|im_end|>\n<|im_start|>assistant\n The special magic number" in text
+                assert text.endswith("mentioned in the provided text " + ("are" if task == "niah_multiquery" else "is"))
 
 
 def _row(model: str, task: str, length: int, scores: list[float], short: list[float] | None = None) -> dict:
@@ -93,13 +114,19 @@ def test_report_numbers_on_hand_made_rows():
     # the average of 1024: (10 + 0.5 * 20) / 40 = 0.5, Wilson over 40 [0.352, 0.648]
     assert "| niah_single_1 | 50.0 [29.9, 70.1] | 100.0 [83.9, 100.0] |" in table
     assert "| base | 50.0 [35.2, 64.8] | 50.0 |" in table
+    assert "## Per-length average (2 of 13 tasks)" in table
     # tuned against base on niah_single_1: +50 points, differences ten 0s and ten 1s, sd 0.513:
-    # 50 +- 1.96 * 51.3 / sqrt(20) = [27.5, 72.5]; cwe moved +0.5 with sd 2.24 -> inside [-0.5, 1.5]
-    assert "| tuned | niah_single_1 | 1024 | +50.0 [+27.5, +72.5] |" in table
-    assert "| tuned | cwe |" not in table
-    assert "tuned: 1 other cells" in table  # cwe; the average moved and is listed:
-    # differences 10 x 1, 29 x 0 and 0.1: mean 0.2525, sd 0.4374, half-width 1.96 * 0.4374 / sqrt(40) = 0.1355
-    assert "| tuned | **average** | 1024 | +25.2 [+11.7, +38.8] |" in table
+    # 50 +- 1.96 * 51.3 / sqrt(20) = [27.5, 72.5]; 10 of 10 changed samples up: sign test p = 2 / 2^10
+    assert "| tuned | niah_single_1 | 1024 | +50.0 [+27.5, +72.5] | 0.002 |" in table
+    assert "| tuned | cwe |" not in table  # one sample up: p = 1
+    assert "tuned: 1 other cells (task or average x length) with p >= 0.05." in table
+    # the average: differences 10 x 1, 29 x 0 and 0.1: mean 0.2525, sd 0.4374, half-width
+    # 1.96 * 0.4374 / sqrt(40) = 0.1355; 11 of 11 up: p = 2 / 2^11
+    assert "| tuned | **average** | 1024 | +25.2 [+11.7, +38.8] | 0.00098 |" in table
+    # four equal gains of four samples: a normal interval of zero width, but p = 0.125: not listed
+    few = [_row("base", "vt", 1024, [0.0] * 4), _row("lucky", "vt", 1024, [1.0] * 4)]
+    table = markdown(few, {"sources": {"essays": "E", "squad": None, "hotpotqa": None}, "not_run": {}})
+    assert "| lucky | vt |" not in table and "lucky: 2 other cells" in table
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")

@@ -40,10 +40,10 @@ def smol_count_tokens():
         from opsdl.model import load_tokenizer
         tokenizer = load_tokenizer()
 
+    from opsdl.eval_ruler import ruler_prompt_ids
+
     def count(prompt: str, answer_prefix: str) -> int:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return len(tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"])
+        return len(ruler_prompt_ids(tokenizer, prompt, answer_prefix))
     count.tokenizer = tokenizer
     return count
 
@@ -439,6 +439,9 @@ def test_refusals_name_the_option(tmp_path, sources):
     assert with_squad == list(RULER_TASKS[:12])
     with pytest.raises(ValueError, match=r"^--squad: qa_1 needs a SQuAD v2 dev JSON"):
         check_ruler_options(["vt", "qa_1"], None, None, None, explicit_tasks=True)
+    # more samples than the file has answerable questions: refused, not asked twice
+    with pytest.raises(ValueError, match=r"^--samples 4: expected at most 3 for qa_1 \(the answerable questions in "):
+        make_samples("qa_1", 4000, 4, _words, seed=0, sources=load_sources(squad=str(squad)))
     with pytest.raises(ValueError, match=r"^--hotpotqa: qa_2 needs a HotpotQA dev JSON"):
         check_ruler_options(["qa_2"], None, str(squad), None, explicit_tasks=True)
     with pytest.raises(ValueError, match=r"^--squad .*missing\.json: expected .*, got no such file"):
