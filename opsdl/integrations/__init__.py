@@ -1,0 +1,1 @@
+"""Integrations of the fused loss into other trainers (``opsdl.integrations.trl``: TRL)."""
