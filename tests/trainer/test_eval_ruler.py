@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from opsdl.cli import main
 from opsdl.eval import EvalConfig, check_eval_options, evaluate
@@ -153,3 +154,29 @@ def test_vllm_answers_a_whole_cell_in_one_call_and_scores_as_generate(tmp_path, 
     on_hf = evaluate(EvalConfig(**common, engine="hf", out=str(tmp_path / "h")))["rows"]
     # float32 on both: greedy answers agree but for near-ties, which these prompts do not have
     assert [r["scores"] for r in on_vllm] == [r["scores"] for r in on_hf]
+
+
+def test_cache_gib_must_be_positive(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Answerer, "__init__", lambda *a, **k: pytest.fail("a model was loaded"))
+    message = _refused(capsys, ["--cache-gib", "0", "--out", str(tmp_path / "e"), "--model", "tiny:llama"])
+    assert message == "opsdl eval: error: --cache-gib: expected a number > 0, got 0.0"
+
+
+def test_answerer_precision_follows_bf16(tmp_path):
+    for bf16, said in ((False, "float32 (--no-bf16"), (True, "bf16 compute over float32 weights (--bf16")):
+        cfg = EvalConfig(model="tiny:llama", suite="ruler", out=str(tmp_path), device="cpu", engine="hf", bf16=bf16)
+        answerer = Answerer(cfg, "tiny:llama", torch.device("cpu"), longest=64)
+        assert answerer.description.startswith("hf engine; " + said), answerer.description
+        answerer.close()
+
+
+def test_lengths_past_the_window_go_to_generate_under_auto_and_are_refused_by_vllm(tmp_path, capsys):
+    """tiny:llama's window is 1024 positions: a 2000-token request."""
+    auto = EvalConfig(model="tiny:llama", suite="ruler", out=str(tmp_path), device="cpu", engine="auto")
+    answerer = Answerer(auto, "tiny:llama", torch.device("cpu"), longest=2000)
+    assert answerer.description.startswith("hf engine")
+    assert "opsdl eval: tiny:llama: answers on generate, not vLLM: 2000 tokens" in capsys.readouterr().out
+    answerer.close()
+    with pytest.raises(ValueError, match=r"^--engine vllm: 2000 tokens .* past tiny:llama's window of 1024 "):
+        Answerer(EvalConfig(model="tiny:llama", suite="ruler", out=str(tmp_path), device="cpu", engine="vllm"),
+                 "tiny:llama", torch.device("cpu"), longest=2000)
