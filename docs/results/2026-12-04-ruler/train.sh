@@ -14,6 +14,7 @@ multikey() {
 
   run sft           --task multikey --objective sft                        # 4: SFT on the gold answers
   run opsdl-paper   --task multikey --estimator sampled --teacher live     # 5: the paper's estimator and live teacher
+  run opsdl-sampled --task multikey --estimator sampled --teacher frozen   # 5: the paper's estimator alone
 }
 
 documents() {
@@ -44,7 +45,8 @@ PY
   run opsdl-prepared --data "$RUNS/triplets.jsonl" --estimator full --teacher frozen
 }
 
-# both (the default), or one of them: this session ran `train.sh multikey` and `train.sh documents` side by side
+# both (the default), or one of them: `train.sh multikey` and `train.sh documents` ran side by side; then
+# opsdl-paper and opsdl-sampled side by side (OMP_NUM_THREADS=1 each)
 case "${1:-all}" in
   multikey) multikey ;;
   documents) documents ;;
