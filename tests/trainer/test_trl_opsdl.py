@@ -227,3 +227,17 @@ def test_bf16_default_follows_the_cpu(tmp_path, monkeypatch):
         monkeypatch.setattr(trl_config, "cpu_bf16_units", lambda units=units: units)
         assert OPSDLConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]).bf16 is expected
     assert OPSDLConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=False).bf16 is False
+
+
+def test_step_rows_count_every_rank(tmp_path, monkeypatch):
+    """The loss divides by the optimizer step's answer tokens over all ranks / the number of ranks
+    (DDP averages the ranks' gradients: the result is the token mean over all of them). A second rank
+    is imitated: its counts are 3x this one's."""
+    trainer = OPSDLTrainer("tiny:llama", args=config(tmp_path, gradient_accumulation_steps=2),
+                           train_dataset=Dataset.from_list(EXAMPLES))
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda t: torch.cat([t, 3 * t]))
+    masks = [torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])]  # 3 and 5 tokens
+    slices = [{"completion_mask": m} for m in masks]
+    trainer._count_step_rows(slices)
+    assert [s["step_rows"] for s in slices] == [(3 + 5) * (1 + 3) / 2] * 2

@@ -45,7 +45,9 @@ class OPSDLConfig(SDFTConfig):
         estimator ``log p_s(y) - log p_t(y)`` at the rollout's token with the REINFORCE gradient.
     teacher_model_kind (`str`, defaults to `"base"`): `"base"`, the initial weights (`opsdl train
         --teacher frozen`; with PEFT the base model with its adapters disabled, no copy); `"live"`,
-        the current weights; `"ema"`, a moving average (`teacher_update_rate`, `teacher_sync_steps`).
+        the current weights; `"ema"`, a moving average (`teacher_update_rate`, `teacher_sync_steps`);
+        with pure LoRA, TRL's EMA is a second adapter that starts at zero (the base model) and averages
+        `lora_A` and `lora_B` apart, so it moves slowly at first (after one step at rate r: r^2 B A).
     fused_impl (`str`, defaults to `"auto"`): the kernels' `impl` ("auto", "triton", "torch").
     bf16 (`bool`, defaults to TRL's choice on a GPU): on a machine without one (or with
         ``use_cpu``), bf16 autocast only where the CPU has bf16 units (AVX512_BF16 or AMX), float32

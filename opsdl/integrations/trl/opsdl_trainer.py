@@ -97,6 +97,9 @@ class OPSDLTrainer(SDFTTrainer):
         # accelerate's mixed precision leaves an instance-level `forward` bound to the prepared model:
         # a copy would keep calling the student. The copy uses its class's own forward.
         teacher.__dict__.pop("forward", None)
+        if self.accelerator.num_processes > 1:  # DDP gives every rank rank 0's student; the teacher too
+            for tensor in [*teacher.parameters(), *teacher.buffers()]:
+                torch.distributed.broadcast(tensor.data, src=0)
         self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if kind == "ema":
             self.add_callback(SyncTeacherModelCallback(teacher_model=self.teacher_model, accelerator=self.accelerator))
@@ -155,11 +158,15 @@ class OPSDLTrainer(SDFTTrainer):
 
     def _count_step_rows(self, slices: list[dict]) -> None:
         """Each micro-batch learns how many answer tokens its optimizer step holds, so that the
-        step's loss is their mean whatever micro-batch holds them. When one generation covers
+        step's loss is their mean whatever micro-batch (and rank) holds them. When one generation covers
         whole optimizer steps (``steps_per_generation`` a multiple of the accumulation steps; the
         default) this is exact; otherwise a micro-batch's mean is divided by the accumulation steps."""
         accumulation = self.args.gradient_accumulation_steps
-        counts = [float(self._loss_mask(s).sum()) for s in slices]
+        local = torch.stack([self._loss_mask(s).sum() for s in slices]).float()
+        # every rank's counts (all ranks regenerate together): DDP averages the ranks' gradients, so
+        # each rank divides by the step's count over all ranks / the number of ranks
+        ranks = self.accelerator.num_processes
+        counts = (self.accelerator.gather(local).reshape(ranks, -1).sum(0) / ranks).tolist()
         for index, part in enumerate(slices):
             if len(slices) % accumulation == 0:
                 first = index - index % accumulation
