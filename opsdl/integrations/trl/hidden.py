@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from ...model import LMHead, decoder, lm_head
@@ -44,14 +45,35 @@ def output_head(model: torch.nn.Module) -> LMHead:
     return lm_head(inner)
 
 
-def refuse_sharded_weights(trainer, name: str) -> None:
-    """FSDP and DeepSpeed ZeRO-3 shard every weight between forwards; the fused loss reads each
-    lm-head's whole weight after the forward: refused in one line, naming what works."""
+def refuse_sharded_weights(trainer, name: str, allow_fsdp2: bool = False) -> None:
+    """FSDP1 and DeepSpeed ZeRO-3 shard every weight between forwards, and the fused loss reads each
+    lm-head's whole weight after the forward: refused in one line, naming what works. FSDP2 (where
+    ``allow_fsdp2``): accelerate puts the final norm and lm-head in a unit of their own that is not
+    resharded after the forward, so the head read after it is whole (``whole_head`` checks)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    fsdp2 = trainer.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) == 2
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if trainer.is_fsdp_enabled or zero3:
-        raise ValueError(f"{'fsdp' if trainer.is_fsdp_enabled else 'deepspeed'}: {name} reads each lm-head's whole "
-                         "weight outside the model's forward, which FSDP and ZeRO-3 shard; launch with DDP or "
-                         "DeepSpeed ZeRO-1/2 (or `opsdl train` under torchrun for FSDP2)")
+    if (trainer.is_fsdp_enabled and not (fsdp2 and allow_fsdp2)) or zero3:
+        what = "fsdp" if trainer.is_fsdp_enabled else "deepspeed"
+        works = "DDP, DeepSpeed ZeRO-1/2" + (" or FSDP2 (fsdp_version 2)" if allow_fsdp2 else "")
+        raise ValueError(f"{what}: {name} reads each lm-head's whole weight outside the model's forward, which "
+                         f"{'FSDP1' if allow_fsdp2 else 'FSDP'} and ZeRO-3 shard; launch with {works} (or `opsdl "
+                         "train` under torchrun for FSDP2)")
+
+
+def whole_head(head: LMHead, trained: bool) -> LMHead:
+    """The head as the fused loss needs it: whole on every rank. A ``trained`` head must be whole
+    already (its gradient flows to it; a shard would be read as a vocabulary-parallel slice of rows
+    that every rank shares, which data-parallel rows are not); a sharded constant head (a teacher's) is
+    gathered."""
+    if not isinstance(head.weight, DTensor):
+        return head
+    if trained:
+        raise ValueError("fsdp: the student's lm-head is sharded after the forward (reshard_after_forward on its "
+                         "unit); the fused loss needs it whole: keep the unit of the final norm and lm-head "
+                         "unsharded after the forward (accelerate's FSDP2 default)")
+    bias = head.bias.full_tensor() if isinstance(head.bias, DTensor) else head.bias
+    return LMHead(head.weight.full_tensor(), bias, head.softcap)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl.experimental.sdft import SDFTTrainer
 from trl.experimental.sdft.teacher_sync import SyncTeacherModelCallback
+from trl.models.utils import prepare_fsdp
 from trl.trainer.utils import pad
 
 from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
@@ -27,7 +28,7 @@ from opsdl_kernels import fused_rkl_loss, fused_token_logprobs
 from ...model import load_model
 from ...rollout import PLAIN_TEMPLATE
 from .config import OPSDLConfig
-from .hidden import causal_lm, completion_hidden, output_head, refuse_sharded_weights
+from .hidden import causal_lm, completion_hidden, output_head, refuse_sharded_weights, whole_head
 
 PROMPT_COLUMNS = ("prompt", "teacher_prompt")
 PREPARED_COLUMNS = ("long_context", "short_context", "question")  # what `opsdl prepare` writes
@@ -83,7 +84,7 @@ class OPSDLTrainer(SDFTTrainer):
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
                          peft_config=peft_config)
         self.prompt_limit, self.max_prompt_length = args.max_prompt_length, None  # refuse, never cut (below)
-        refuse_sharded_weights(self, "OPSDLTrainer")
+        refuse_sharded_weights(self, "OPSDLTrainer", allow_fsdp2=True)
         output_head(self.model)  # refuses an lm-head that PEFT adapted, before any step
 
     # ---- teacher: SDFT's, except a frozen or EMA teacher of a plain model is a copy of the
@@ -100,7 +101,9 @@ class OPSDLTrainer(SDFTTrainer):
         if self.accelerator.num_processes > 1:  # DDP gives every rank rank 0's student; the teacher too
             for tensor in [*teacher.parameters(), *teacher.buffers()]:
                 torch.distributed.broadcast(tensor.data, src=0)
-        self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # under FSDP2 the copy is sharded like the student (an EMA update adds shards to shards)
+        self.teacher_model = prepare_fsdp(teacher, self.accelerator) if self.is_fsdp_enabled \
+            else self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if kind == "ema":
             self.add_callback(SyncTeacherModelCallback(teacher_model=self.teacher_model, accelerator=self.accelerator))
 
@@ -189,7 +192,7 @@ class OPSDLTrainer(SDFTTrainer):
         return completion_hidden(model, input_ids, attention_mask, completion.shape[1])
 
     def _token_logprobs(self, model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        head = output_head(model)
+        head = whole_head(output_head(model), trained=False)  # no gradient: read as a constant
         weight = head.weight.detach().to(hidden.dtype)
         bias = None if head.bias is None else head.bias.detach().to(hidden.dtype)
         return fused_token_logprobs(hidden.detach(), weight, targets, bias=bias, temperature=self.temperature,
@@ -215,7 +218,8 @@ class OPSDLTrainer(SDFTTrainer):
         with torch.no_grad(), self._get_teacher_context_for_self_distillation():
             teacher_hidden = completion_hidden(self.teacher_model, inputs["teacher_input_ids"],
                                                inputs["teacher_attention_mask"], completion.shape[1])
-        head, teacher_head = output_head(model), output_head(self.teacher_model)
+        head = whole_head(output_head(model), trained=True)
+        teacher_head = whole_head(output_head(self.teacher_model), trained=False)
         dtype = student_hidden.dtype
         weight = head.weight.to(dtype)  # autograd-tracked when it casts: the gradient reaches the weight
         bias = None if head.bias is None else head.bias.to(dtype)

@@ -1,0 +1,196 @@
+"""OPSDLTrainer (TRL) under accelerate's FSDP2: two CPU ranks (gloo) against one process.
+
+One ``accelerate launch --use_fsdp --fsdp_version 2`` of two ranks (``trl_fsdp_worker.py``) trains
+two steps with the live teacher, then two with the base teacher; the single-process references
+run here.
+
+Why the fused loss may read the lm-head after the forward under FSDP2: accelerate (1.16)'s
+``fsdp2_prepare_model`` shards the final norm and the lm-head as one FSDP unit of their own with
+``reshard_after_forward=False`` (whatever ``fsdp_reshard_after_forward`` says), so after the
+model's forward ``lm_head.weight`` is the whole, unsharded parameter; the loss's gradient lands in
+its ``.grad``, which FSDP reduce-scatters at the end of the backward with the unit's others. (Were
+the unit resharded after the forward, the loss would read a ``DTensor`` shard of the head, which
+the kernels take for a vocabulary-parallel shard of rows that are the same on every rank: a wrong
+loss, then a crash in the backward. The worker records what the loss read; the first test checks it.)
+The base teacher is OPSDLTrainer's own copy of the initial weights, sharded like the student
+(TRL's ``prepare_fsdp``); its head, a constant, is gathered whole for the loss (``whole_head``).
+An EMA teacher takes the same path (checked by hand, not here: the reference would need its
+averaged weights).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+
+from opsdl.integrations.trl import OPSDLConfig, OPSDLTrainer  # noqa: E402
+from opsdl.model import load_model  # noqa: E402
+
+WORKER = Path(__file__).with_name("trl_fsdp_worker.py")
+TEACHERS = ["live", "base"]
+ROWS = [  # as tests/trainer/test_trl_launch.py: four, so that the two ranks see different prompts
+    {"long_context": "Notes on the garden. " * 12 + "The vault code is 4417. " + "More notes. " * 6,
+     "short_context": "The vault code is 4417.", "question": "What is the vault code?"},
+    {"long_context": "A log of the week. " * 9 + "Maria owns the red bicycle.",
+     "short_context": "Maria owns the red bicycle.", "question": "Who owns the red bicycle?"},
+    {"long_context": "Minutes of the meeting. " * 10 + "The train leaves at nine. " + "Any other business. " * 4,
+     "short_context": "The train leaves at nine.", "question": "When does the train leave?"},
+    {"long_context": "A recipe book. " * 11 + "The soup needs three onions.",
+     "short_context": "The soup needs three onions.", "question": "How many onions does the soup need?"},
+]
+# as the worker's settings; a rate large enough that step 1 moves the weights (and the base teacher
+# then differs from the live one at step 2); no clipping (it would rescale an error away)
+OVERRIDES = {"learning_rate": 1e-3, "max_grad_norm": 0.0}
+
+
+def config(tmp_path: Path, **overrides) -> OPSDLConfig:
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_completion_length=8, max_steps=2,
+                    report_to=[], use_cpu=True, generation_kwargs={"do_sample": False}, seed=0, fused_impl="torch",
+                    logging_steps=1, shuffle_dataset=False, bf16=False, lr_scheduler_type="constant",
+                    save_strategy="no")
+    return OPSDLConfig(**{**settings, **OVERRIDES, **overrides})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_fsdp2(ranks: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with FSDP2 on ``ranks`` CPU processes, a free port, one thread per rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+               "--num_processes", str(ranks), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+               "no", "--main_process_port", str(free_port()), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trl_fsdp")
+    job = {"rows": ROWS, "out": str(root), "teachers": TEACHERS, "config": OVERRIDES}
+    (root / "job.json").write_text(json.dumps(job))
+    done = accelerate_fsdp2(2, [str(WORKER), str(root / "job.json")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root
+
+
+def load(root: Path, teacher: str) -> tuple[list[dict], dict]:
+    out = root / teacher
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    whats = ["initial", "grads1", "step1", "grads2", "step2"]
+    tensors = {what: [torch.load(out / f"rank{r}-{what}.pt") for r in (0, 1)] for what in whats}
+    return ranks, tensors
+
+
+def relative_errors(got: dict, want: dict) -> dict[str, float]:
+    return {name: float((got[name] - ref).norm() / ref.norm()) for name, ref in want.items()}
+
+
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_it_is_fsdp2_and_the_loss_reads_the_whole_lm_head(launched, teacher):
+    ranks, tensors = load(launched, teacher)
+    for rank, result in enumerate(ranks):
+        assert (result["rank"], result["world_size"], result["backend"]) == (rank, 2, "gloo")
+        assert result["distributed_type"] == "DistributedType.FSDP" and result["fsdp_version"] == 2
+        # sharded: every parameter and gradient a DTensor, the model an FSDPModule
+        assert result["fsdp_module"] and result["param_types"] == ["DTensor"] and result["grad_types"] == ["DTensor"]
+        assert result["teacher_is_model"] == (teacher == "live")
+        assert len(result["losses"]) == 2 and all(math.isfinite(c["loss"]) and c["loss"] > 0 for c in result["losses"])
+        for call in result["losses"]:
+            assert call["model"].startswith("FSDP")
+            # what compute_loss read after the forwards: the student's whole head, not a DTensor shard
+            vocab_by_hidden = call["head"]["shape"]
+            assert call["head"] == {"dtensor": False, "shape": vocab_by_hidden, "local_shape": vocab_by_hidden}
+            if teacher == "live":
+                assert call["teacher_head"] == call["head"]
+            else:  # the copied teacher is sharded like the student; the loss gathers its head (whole_head)
+                half = [vocab_by_hidden[0] // 2, vocab_by_hidden[1]]
+                assert call["teacher_head"] == {"dtensor": True, "shape": vocab_by_hidden, "local_shape": half}
+    # the ranks hold the same whole tensors
+    for what, (a, b) in tensors.items():
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what
+    # TRL logs the mean over ranks of their losses
+    logged = [h["loss"] for h in ranks[0]["log_history"] if "loss" in h]
+    for step, value in enumerate(logged):
+        assert value == pytest.approx(sum(r["losses"][step]["loss"] for r in ranks) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_fsdp2_gradients_are_the_mean_of_the_ranks_batches_in_one_process(launched, tmp_path, teacher):
+    """Per step, one process replays each rank's batch (as the worker recorded it) from the weights
+    FSDP had before that step, with the trainer's own ``_prepare_training_batch`` and
+    ``compute_loss`` (the base teacher: the initial weights; the live one: the same weights).
+    FSDP's gradients (reduce-scattered, gathered whole) must be the mean of the two per-batch
+    gradients, as DDP's are (tests/trainer/test_trl_launch.py): measured bit for bit, bound
+    ||g_fsdp - g_ref|| / ||g_ref|| < 1e-4 per tensor (one rank's gradient alone is ~0.8 from the
+    mean); step 1's weights within 1e-3 * lr of the reference's AdamW stepped with that mean."""
+    ranks, tensors = load(launched, teacher)
+    by_question = {row["question"]: row for row in ROWS}
+    seen = [q for result in ranks for q in result["batches"][0]["questions"]]
+    assert sorted(seen) == sorted(by_question)  # step 1: the ranks split the 4 rows
+
+    initial = tensors["initial"][0]
+    model, tokenizer = load_model("tiny:llama", seed=0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(initial[name])
+    reference = OPSDLTrainer(model, args=config(tmp_path, teacher_model_kind=teacher),
+                             train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)
+    reference.model.train()
+    before = initial
+    for step in (1, 2):
+        with torch.no_grad():
+            for name, param in reference.model.named_parameters():
+                param.copy_(before[name])
+        per_batch = []
+        for rank, result in enumerate(ranks):
+            record = result["batches"][step - 1]
+            reference.model.zero_grad(set_to_none=True)
+            batch = reference._prepare_training_batch([by_question[q] for q in record["questions"]])
+            completions = [ids[m.bool()].tolist() for ids, m in zip(batch["completion_ids"], batch["completion_mask"])]
+            assert completions == record["completions"]  # the same greedy rollouts as on that rank
+            loss = reference.compute_loss(reference.model, batch)
+            loss.backward()
+            assert float(loss.detach()) == pytest.approx(result["losses"][step - 1]["loss"], rel=1e-5, abs=1e-9)
+            per_batch.append({n: p.grad.detach().clone() for n, p in reference.model.named_parameters()})
+        mean = {name: (per_batch[0][name] + per_batch[1][name]) / 2 for name in per_batch[0]}
+        got = tensors[f"grads{step}"][0]
+        assert got.keys() == mean.keys()
+        errors = relative_errors(got, mean)
+        assert max(errors.values()) < 1e-4, (step, sorted(errors.items(), key=lambda kv: -kv[1])[:3])
+        assert max(relative_errors(per_batch[0], mean).values()) > 1e-2  # the bound discriminates
+        if step == 1:
+            optimizer = reference.create_optimizer()
+            for name, param in reference.model.named_parameters():
+                param.grad = mean[name].clone()
+            optimizer.step()
+            lr = reference.args.learning_rate
+            after = tensors["step1"][0]
+            moved = max(float((after[k] - initial[k]).abs().max()) for k in after)
+            worst = max(float((p.detach() - after[n]).abs().max()) for n, p in reference.model.named_parameters())
+            assert moved > 0.5 * lr and worst < 1e-3 * lr, (moved, worst)
+        before = tensors[f"step{step}"][0]
+
+
+def test_the_teachers_differ_at_step_two(launched):
+    """Step 1 starts both runs from the same weights with the same teacher; at step 2 the base
+    teacher is the initial weights and the live one the updated student: the losses must differ
+    (measured ~3.5x), so the gradient test above tells the teachers apart."""
+    live, _ = load(launched, "live")
+    base, _ = load(launched, "base")
+    for a, b in zip(live, base):
+        assert a["losses"][0]["loss"] == pytest.approx(b["losses"][0]["loss"], rel=1e-6)
+        assert abs(a["losses"][1]["loss"] - b["losses"][1]["loss"]) > 0.2 * b["losses"][1]["loss"]
