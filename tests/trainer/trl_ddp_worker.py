@@ -25,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from opsdl.fsdp import release_process_group  # noqa: E402
+from fsdp_worker import destroy_group  # noqa: E402  (this folder: the script's own)
 from opsdl.integrations.trl import OPSDLConfig, OPSDLTrainer  # noqa: E402
 
 
@@ -62,11 +62,7 @@ class Recorder(TrainerCallback):
 def main(job_file: str) -> None:
     train_and_record(json.loads(Path(job_file).read_text()))
     gc.collect()  # the trainer, gone with train_and_record's frame: its DDP module held the group
-    if dist.is_initialized():
-        release_process_group()
-    left = gloo_threads()
-    if left:  # a held group's gloo threads abort the interpreter's exit by chance (see fsdp_worker.py)
-        raise RuntimeError(f"gloo threads {left} outlived destroy_process_group()")
+    destroy_group()  # and check that its gloo threads ended (fsdp_worker.py says why)
 
 
 def train_and_record(job: dict) -> None:
@@ -104,19 +100,6 @@ def train_and_record(job: dict) -> None:
               "batches": batches, "losses": losses, "log_history": trainer.state.log_history,
               "digest": digest(trainer.model)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-
-
-def gloo_threads() -> list[str]:
-    """The names of this process's threads that gloo started (from /proc; none elsewhere)."""
-    names = []
-    for task in Path("/proc/self/task").glob("*/comm"):
-        try:
-            name = task.read_text().strip()
-        except OSError:  # a thread that ended meanwhile
-            continue
-        if "gloo" in name:
-            names.append(name)
-    return names
 
 
 if __name__ == "__main__":
