@@ -49,21 +49,20 @@ def _reset_peak(device) -> bool:
         return True
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the high-water RSS that ru_maxrss reports
+            f.write("5")  # resets the high-water RSS (VmHWM)
         return True
     except OSError:
         return False
 
 
 def _peak_bytes(device) -> int:
-    import resource
-
     import torch
+
+    from opsdl.steps import peak_memory_mib
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return int(peak_memory_mib(device) * 2**20)
 
 
 def one_step(loss_kind: str, args: argparse.Namespace) -> dict:

@@ -7,6 +7,7 @@ import hashlib
 import math
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +161,16 @@ def draw_prompts(items: list[Prompted], picker: random.Random, count: int) -> li
 
 
 def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the allocator's peak. CPU: this process's peak resident size, VmHWM where /proc has it
+    (ru_maxrss keeps, across exec, the peak of the process that spawned this one: a large parent's)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def synthetic_examples(cfg: TrainConfig, tokenizer) -> list[Example]:

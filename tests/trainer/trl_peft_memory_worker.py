@@ -6,15 +6,17 @@
 """
 import copy
 import json
-import resource
 import sys
 import tempfile
+
+import torch
 
 from datasets import Dataset
 from peft import LoraConfig
 
 from opsdl.integrations.trl import OPSDLConfig, OPSDLTrainer
 from opsdl.model import load_model
+from opsdl.steps import peak_memory_mib
 
 mode = sys.argv[1]
 model, tokenizer = load_model("smollm2-135m")
@@ -30,5 +32,5 @@ with tempfile.TemporaryDirectory() as out:
     if base_copy is not None:  # the teacher: the copy, read as it is (no adapter to switch off)
         trainer.teacher_model, trainer.args.teacher_model_kind = base_copy, "live"
     trainer.train()
-peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak_mib = peak_memory_mib(torch.device("cpu"))  # VmHWM: this process's own, not its parent's
 print(json.dumps({"mode": mode, "peak_mib": peak_mib, "weights_mib": weights_mib}))
