@@ -199,6 +199,8 @@ def test_refusals(tmp_path):
         OPSDLTrainer("tiny:llama", args=config(tmp_path), train_dataset=Dataset.from_list([{"prompt": "x"}]))
     with pytest.raises(ValueError, match="estimator: expected one of"):
         config(tmp_path, estimator="topk")
+    with pytest.raises(ValueError, match="fused_impl: expected 'auto', 'triton' or 'torch', got 'cuda'"):
+        config(tmp_path, fused_impl="cuda")
     with pytest.raises(ValueError, match="teacher_model_kind: expected one of"):
         config(tmp_path, teacher_model_kind="frozen")
     with pytest.raises(ValueError, match="distillation_mode: OPSDLConfig does not use it"):
