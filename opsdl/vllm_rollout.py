@@ -242,7 +242,7 @@ def _destroy_vllm_world_only() -> None:
     parallel_state._NODE_COUNT = None
 
 
-def _reload(worker, weights: Iterator) -> None:
+def reload_worker_weights(worker, weights: Iterator) -> None:
     """Runs inside vLLM's worker (in this process): the checkpoint-format weights into the model,
     re-running the CPU backend's repacking (``model.load_weights`` alone drops repacked linears)."""
     worker.model_runner.reload_weights(weights_iterator=weights)
@@ -322,7 +322,7 @@ class VLLMEngine:
                 raise ValueError("update: give the model or a state dict of its weights")
             state_dict = model.state_dict()
         named = state_dict.items() if hasattr(state_dict, "items") else state_dict
-        self.llm.collective_rpc(_reload, args=(_full_tensors(named, self.dtype),))
+        self.llm.collective_rpc(reload_worker_weights, args=(_full_tensors(named, self.dtype),))
         self.llm.reset_prefix_cache()
 
     def sample(self, prompts: Sequence[Sequence[int]], samples_per_prompt: int, seed: int, *,

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from opsdl.options import TrainConfig
-from opsdl.rollout import sample
 from opsdl.rollout_engines import resolve_rollout_engine
+from tests.trainer.greedy_paths import compare_greedy, greedy
 
 CFG = TrainConfig(model="smollm2-135m", temperature=0.0, off_policy=True, max_length=512, max_new_tokens=12,
                   rollout_cache_gib=0.25, seed=0)
@@ -56,34 +56,6 @@ def _bf16_copy(model):
     return copy.deepcopy(model).to(torch.bfloat16)
 
 
-def _greedy(model, tokenizer, prompts, max_new_tokens=CFG.max_new_tokens):
-    return [r.tokens for r in sample(model, tokenizer, prompts, temperature=0, max_new_tokens=max_new_tokens)]
-
-
-def _margins(model, prompt, response) -> list[float]:
-    """The gap between the two largest fp32 logits at each step of a greedy path."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1: len(prompt) - 1 + len(response)]
-    top2 = logits.float().topk(2, dim=-1).values
-    return (top2[:, 0] - top2[:, 1]).tolist()
-
-
-NEAR_TIE = 0.25  # bf16 logits of magnitude 16-32 are 0.125 apart: two bf16 implementations may split closer calls
-
-
-def _compare_greedy(model, prompts, engine_tokens, generate_tokens) -> int:
-    """Assert the engine's greedy answers equal generate's token for token up to the first step whose
-    fp32 top-2 logit gap on generate's path is under NEAR_TIE (a near-tie, which bf16 rounding may
-    break either way; the paths may part there); return how many tokens were compared."""
-    compared = 0
-    for prompt, got, want in zip(prompts, engine_tokens, generate_tokens):
-        margins = _margins(model, prompt, want)
-        agreed = next((k for k, m in enumerate(margins) if m < NEAR_TIE), len(want))
-        assert got[:agreed] == want[:agreed], (prompt, got, want, margins)
-        compared += agreed
-    return compared
-
-
 def test_greedy_rollouts_equal_generate_after_optimizer_steps(setup):
     """Three AdamW steps at lr 1e-3 (the weights really move: the greedy answers change), each pushed
     with ``update``: the engine's greedy rollouts equal transformers generate's on a bf16 copy of the
@@ -91,7 +63,7 @@ def test_greedy_rollouts_equal_generate_after_optimizer_steps(setup):
     two bf16 implementations may part ways); at least two thirds of all tokens are compared."""
     model, tokenizer, engine, prompts = setup
     before = [r.tokens for r in engine.sample(prompts, 1, seed=0)]
-    compared = _compare_greedy(model, prompts, before, _greedy(_bf16_copy(model), tokenizer, prompts))
+    compared = compare_greedy(model, prompts, before, greedy(_bf16_copy(model), tokenizer, prompts, CFG.max_new_tokens))
     total = sum(map(len, before))
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
@@ -108,7 +80,7 @@ def test_greedy_rollouts_equal_generate_after_optimizer_steps(setup):
             assert all(r.tokens == rollouts[2 * r.prompt_index].tokens for r in rollouts)  # greedy: the same twice
             assert all(r.ended == (r.tokens[-1] in engine.stops) for r in rollouts)
             after = [r.tokens for r in rollouts[::2]]
-            compared += _compare_greedy(model, prompts, after, _greedy(_bf16_copy(model), tokenizer, prompts))
+            compared += compare_greedy(model, prompts, after, greedy(_bf16_copy(model), tokenizer, prompts, CFG.max_new_tokens))
             total += sum(map(len, after))
         assert after != before  # the steps changed the answers
         assert compared >= 2 / 3 * total, (compared, total)
@@ -163,14 +135,14 @@ def test_a_push_changes_what_the_engine_samples(setup):
                 model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        new = _greedy(_bf16_copy(model), tokenizer, prompts)
+        new = greedy(_bf16_copy(model), tokenizer, prompts, CFG.max_new_tokens)
         assert new != old
         stale = [r.tokens for r in engine.sample(prompts, 1, seed=0)]  # not pushed yet: the old weights' answers
         assert stale == old
         engine.update(model)
         pushed = [r.tokens for r in engine.sample(prompts, 1, seed=0)]
         assert pushed != old
-        assert _compare_greedy(model, prompts, pushed, new) >= sum(map(len, new)) // 2
+        assert compare_greedy(model, prompts, pushed, new) >= sum(map(len, new)) // 2
     finally:
         with torch.no_grad():
             for k, v in model.state_dict().items():

@@ -29,6 +29,7 @@ from ...model import load_model
 from ...rollout import PLAIN_TEMPLATE
 from .config import OPSDLConfig
 from .hidden import causal_lm, completion_hidden, output_head, refuse_sharded_weights, whole_head
+from .vllm_colocate import colocated_engine_start, reload_weights_on_cpu
 
 PROMPT_COLUMNS = ("prompt", "teacher_prompt")
 PREPARED_COLUMNS = ("long_context", "short_context", "question")  # what `opsdl prepare` writes
@@ -80,9 +81,12 @@ class OPSDLTrainer(SDFTTrainer):
             dtype = (args.model_init_kwargs or {}).get("dtype", torch.float32)
             model, tokenizer = load_model(model, dtype=dtype, trust_remote_code=args.trust_remote_code)
             processing_class = processing_class or tokenizer
-        super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
-                         peft_config=peft_config)
+        with colocated_engine_start(model, processing_class, args):
+            super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+                             peft_config=peft_config)
+        if self.use_vllm:
+            reload_weights_on_cpu(self.vllm_generation)
         self.prompt_limit, self.max_prompt_length = args.max_prompt_length, None  # refuse, never cut (below)
         refuse_sharded_weights(self, "OPSDLTrainer", allow_fsdp2=True)
         output_head(self.model)  # refuses an lm-head that PEFT adapted, before any step
