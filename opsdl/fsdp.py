@@ -67,7 +67,8 @@ def release_process_group() -> None:
     propagation, redistribution plans and planners, mesh topologies), FSDP states in reference
     cycles: until those let go, gloo's threads outlive the destroy call, and a thread still releasing
     the last collective's tensors at interpreter exit aborts the process by chance (SIGABRT,
-    "terminate called without an active exception"). The caller drops its own meshes first."""
+    "terminate called without an active exception"). The caller drops its own meshes first. A group
+    already destroyed (by DeepSpeed's own call, say) leaves only the caches to clear."""
     from torch.distributed.tensor import _redistribute
     from torch.distributed.tensor._collective_utils import MeshTopoInfo
     from torch.distributed.tensor._sharding_prop import ShardingPropagator
@@ -79,7 +80,8 @@ def release_process_group() -> None:
     _redistribute._planner_cache.clear()
     MeshTopoInfo.build_from_mesh.cache_clear()
     gc.collect()  # after: the FSDP states and the planners just dropped from the caches are in cycles
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:

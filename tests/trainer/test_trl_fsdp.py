@@ -1,6 +1,6 @@
 """OPSDLTrainer (TRL) under accelerate's FSDP2: two CPU ranks (gloo) against one process.
 
-One ``accelerate launch --use_fsdp --fsdp_version 2`` of two ranks (``trl_fsdp_worker.py``) trains
+One ``accelerate launch --use_fsdp --fsdp_version 2`` of two ranks (``trl_rank_worker.py``) trains
 two steps with the live teacher, then two with the base teacher; the single-process references
 run here.
 
@@ -19,84 +19,30 @@ averaged weights).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
+from tests.trainer.trl_replay import (ROWS, free_port, launch, load, reference_trainer, relative_errors,  # noqa: E402
+                                      replay_step)
 
-from opsdl.integrations.trl import OPSDLConfig, OPSDLTrainer  # noqa: E402
-from opsdl.model import load_model  # noqa: E402
-
-WORKER = Path(__file__).with_name("trl_fsdp_worker.py")
 TEACHERS = ["live", "base"]
-ROWS = [  # as tests/trainer/test_trl_launch.py: four, so that the two ranks see different prompts
-    {"long_context": "Notes on the garden. " * 12 + "The vault code is 4417. " + "More notes. " * 6,
-     "short_context": "The vault code is 4417.", "question": "What is the vault code?"},
-    {"long_context": "A log of the week. " * 9 + "Maria owns the red bicycle.",
-     "short_context": "Maria owns the red bicycle.", "question": "Who owns the red bicycle?"},
-    {"long_context": "Minutes of the meeting. " * 10 + "The train leaves at nine. " + "Any other business. " * 4,
-     "short_context": "The train leaves at nine.", "question": "When does the train leave?"},
-    {"long_context": "A recipe book. " * 11 + "The soup needs three onions.",
-     "short_context": "The soup needs three onions.", "question": "How many onions does the soup need?"},
-]
-# as the worker's settings; a rate large enough that step 1 moves the weights (and the base teacher
-# then differs from the live one at step 2); no clipping (it would rescale an error away)
+# a rate large enough that step 1 moves the weights (and the base teacher then differs from the live
+# one at step 2); no clipping (it would rescale an error away)
 OVERRIDES = {"learning_rate": 1e-3, "max_grad_norm": 0.0}
-
-
-def config(tmp_path: Path, **overrides) -> OPSDLConfig:
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_completion_length=8, max_steps=2,
-                    report_to=[], use_cpu=True, generation_kwargs={"do_sample": False}, seed=0, fused_impl="torch",
-                    logging_steps=1, shuffle_dataset=False, bf16=False, lr_scheduler_type="constant",
-                    save_strategy="no")
-    return OPSDLConfig(**{**settings, **OVERRIDES, **overrides})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_fsdp2(ranks: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """``accelerate launch`` with FSDP2 on ``ranks`` CPU processes, a free port, one thread per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-               "--num_processes", str(ranks), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-               "no", "--main_process_port", str(free_port()), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
+    """One ``accelerate launch`` with FSDP2 on two CPU processes: two steps per teacher."""
     root = tmp_path_factory.mktemp("trl_fsdp")
-    job = {"rows": ROWS, "out": str(root), "teachers": TEACHERS, "config": OVERRIDES}
-    (root / "job.json").write_text(json.dumps(job))
-    done = accelerate_fsdp2(2, [str(WORKER), str(root / "job.json")])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch(["accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())], root, TEACHERS, OVERRIDES)
     return root
-
-
-def load(root: Path, teacher: str) -> tuple[list[dict], dict]:
-    out = root / teacher
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    whats = ["initial", "grads1", "step1", "grads2", "step2"]
-    tensors = {what: [torch.load(out / f"rank{r}-{what}.pt") for r in (0, 1)] for what in whats}
-    return ranks, tensors
-
-
-def relative_errors(got: dict, want: dict) -> dict[str, float]:
-    return {name: float((got[name] - ref).norm() / ref.norm()) for name, ref in want.items()}
 
 
 @pytest.mark.parametrize("teacher", TEACHERS)
@@ -119,6 +65,8 @@ def test_it_is_fsdp2_and_the_loss_reads_the_whole_lm_head(launched, teacher):
             else:  # the copied teacher is sharded like the student; the loss gathers its head (whole_head)
                 half = [vocab_by_hidden[0] // 2, vocab_by_hidden[1]]
                 assert call["teacher_head"] == {"dtensor": True, "shape": vocab_by_hidden, "local_shape": half}
+    seen = [q for result in ranks for q in result["batches"][0]["questions"]]
+    assert sorted(seen) == sorted(row["question"] for row in ROWS)  # step 1: the ranks split the 4 rows
     # the ranks hold the same whole tensors
     for what, (a, b) in tensors.items():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what
@@ -138,40 +86,18 @@ def test_fsdp2_gradients_are_the_mean_of_the_ranks_batches_in_one_process(launch
     ||g_fsdp - g_ref|| / ||g_ref|| < 1e-4 per tensor (one rank's gradient alone is ~0.8 from the
     mean); step 1's weights within 1e-3 * lr of the reference's AdamW stepped with that mean."""
     ranks, tensors = load(launched, teacher)
-    by_question = {row["question"]: row for row in ROWS}
-    seen = [q for result in ranks for q in result["batches"][0]["questions"]]
-    assert sorted(seen) == sorted(by_question)  # step 1: the ranks split the 4 rows
-
     initial = tensors["initial"][0]
-    model, tokenizer = load_model("tiny:llama", seed=0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(initial[name])
-    reference = OPSDLTrainer(model, args=config(tmp_path, teacher_model_kind=teacher),
-                             train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)
-    reference.model.train()
+    reference = reference_trainer(tmp_path, initial, teacher_model_kind=teacher, max_steps=2, **OVERRIDES)
     before = initial
     for step in (1, 2):
         with torch.no_grad():
             for name, param in reference.model.named_parameters():
                 param.copy_(before[name])
-        per_batch = []
-        for rank, result in enumerate(ranks):
-            record = result["batches"][step - 1]
-            reference.model.zero_grad(set_to_none=True)
-            batch = reference._prepare_training_batch([by_question[q] for q in record["questions"]])
-            completions = [ids[m.bool()].tolist() for ids, m in zip(batch["completion_ids"], batch["completion_mask"])]
-            assert completions == record["completions"]  # the same greedy rollouts as on that rank
-            loss = reference.compute_loss(reference.model, batch)
-            loss.backward()
-            assert float(loss.detach()) == pytest.approx(result["losses"][step - 1]["loss"], rel=1e-5, abs=1e-9)
-            per_batch.append({n: p.grad.detach().clone() for n, p in reference.model.named_parameters()})
-        mean = {name: (per_batch[0][name] + per_batch[1][name]) / 2 for name in per_batch[0]}
+        mean = replay_step(reference, ranks, step)
         got = tensors[f"grads{step}"][0]
         assert got.keys() == mean.keys()
         errors = relative_errors(got, mean)
         assert max(errors.values()) < 1e-4, (step, sorted(errors.items(), key=lambda kv: -kv[1])[:3])
-        assert max(relative_errors(per_batch[0], mean).values()) > 1e-2  # the bound discriminates
         if step == 1:
             optimizer = reference.create_optimizer()
             for name, param in reference.model.named_parameters():

@@ -1,15 +1,12 @@
-"""OPSDLTrainer (TRL) beyond one plain process: DDP under torchrun (two CPU ranks, gloo) against one
-process; PEFT with an EMA teacher (TRL's second "teacher" adapter, no second copy of the base
-weights); PEFT with the live teacher (the student with its adapters on)."""
+"""OPSDLTrainer (TRL) beyond one plain process: DDP under torchrun and DeepSpeed ZeRO-1/2 under
+accelerate launch (two CPU ranks, gloo) against one process; PEFT with an EMA teacher (TRL's second
+"teacher" adapter, no second copy of the base weights); PEFT with the live teacher (the student
+with its adapters on)."""
 from __future__ import annotations
 
 import copy
-import json
+import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,46 +19,38 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from transformers import TrainerCallback  # noqa: E402
 from trl.experimental.sdft.teacher_sync import PEFTAdapterEMACallback, SyncTeacherModelCallback  # noqa: E402
 
-from opsdl.integrations.trl import OPSDLConfig, OPSDLTrainer  # noqa: E402
+from opsdl.integrations.trl import OPSDLTrainer  # noqa: E402
 from opsdl.integrations.trl.hidden import causal_lm, completion_hidden  # noqa: E402
 from opsdl.model import lm_head, load_model  # noqa: E402
 from opsdl.rollout import prompt_ids  # noqa: E402
 from opsdl_kernels import fused_rkl_loss  # noqa: E402
+from tests.trainer.trl_replay import (ROWS, config, free_port, launch, load, reference_trainer,  # noqa: E402
+                                      relative_errors, replay_step)
 
-WORKER = Path(__file__).with_name("trl_ddp_worker.py")
-EXAMPLES = [  # as tests/trainer/test_trl_opsdl.py
-    {"long_context": "Notes on the garden. " * 12 + "The vault code is 4417. " + "More notes. " * 6,
-     "short_context": "The vault code is 4417.", "question": "What is the vault code?"},
-    {"long_context": "A log of the week. " * 9 + "Maria owns the red bicycle.",
-     "short_context": "Maria owns the red bicycle.", "question": "Who owns the red bicycle?"},
-]
-ROWS = EXAMPLES + [  # two more of the kind, so that the two ranks see different prompts
-    {"long_context": "Minutes of the meeting. " * 10 + "The train leaves at nine. " + "Any other business. " * 4,
-     "short_context": "The train leaves at nine.", "question": "When does the train leave?"},
-    {"long_context": "A recipe book. " * 11 + "The soup needs three onions.",
-     "short_context": "The soup needs three onions.", "question": "How many onions does the soup need?"},
-]
+EXAMPLES = ROWS[:2]
 LORA = dict(r=4, target_modules=["q_proj", "v_proj"])
 
 
-def config(tmp_path: Path, **overrides) -> OPSDLConfig:
-    """As tests/trainer/test_trl_opsdl.py: greedy rollouts of at most 8 tokens, float32, constant rate."""
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_completion_length=8, max_steps=1,
-                    report_to=[], use_cpu=True, generation_kwargs={"do_sample": False}, seed=0, fused_impl="torch",
-                    logging_steps=1, shuffle_dataset=False, bf16=False, lr_scheduler_type="constant",
-                    save_strategy="no")
-    return OPSDLConfig(**{**settings, **overrides})
-
-
-def torchrun(ranks: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """As tests/trainer/test_fsdp.py: ``--standalone`` (a free port of its own), one thread per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def relative_errors(got: dict, want: dict) -> dict[str, float]:
-    return {name: float((got[name] - ref).norm() / ref.norm()) for name, ref in want.items()}
+def check_ranks(ranks: list[dict], tensors: dict, distributed_type: str, wrapper: str) -> None:
+    """Two gloo ranks of ``distributed_type``, compute_loss given the ``wrapper`` module, two steps
+    on the four rows split between the ranks; TRL logs the mean of the ranks' losses; the ranks hold
+    the same weights (and gradients) throughout, and step 2 moved them."""
+    for rank, result in enumerate(ranks):
+        assert (result["rank"], result["world_size"], result["backend"]) == (rank, 2, "gloo")
+        assert distributed_type in result["distributed_type"]
+        assert [c["model"] for c in result["losses"]] == [wrapper] * 2
+        assert len(result["batches"]) == 2
+        assert all(math.isfinite(c["loss"]) and c["loss"] > 0 for c in result["losses"])
+    seen = [q for result in ranks for q in result["batches"][0]["questions"]]
+    assert sorted(seen) == sorted(row["question"] for row in ROWS)
+    logged = [h["loss"] for h in ranks[0]["log_history"] if "loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(x) for x in logged)
+    assert logged[0] == pytest.approx((ranks[0]["losses"][0]["loss"] + ranks[1]["losses"][0]["loss"]) / 2, rel=1e-5)
+    assert logged == [h["loss"] for h in ranks[1]["log_history"] if "loss" in h]
+    for what, (a, b) in tensors.items():
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what
+    step1, step2 = tensors["step1"][0], tensors["step2"][0]
+    assert any(not torch.equal(step2[k], step1[k]) for k in step1)
 
 
 # ---- 1. DDP under torchrun ------------------------------------------------------------------------
@@ -84,69 +73,18 @@ def test_ddp_two_ranks_average_gradients_as_one_process_with_both_batches(tmp_pa
     another machine or build: per tensor ||g_ddp - g_ref|| / ||g_ref|| < 1e-4 (one rank's gradient
     alone is ~0.8 from the mean); weights within 1e-3 * lr (elements whose gradient is within
     ~eps=1e-8 of 0 amplify any gradient rounding; the steps themselves are ~lr = 5e-5)."""
-    out = tmp_path / "ddp"
-    out.mkdir()
-    job = {"rows": ROWS, "out": str(out), "config": {"max_grad_norm": 0.0}}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    done = torchrun(2, [str(WORKER), str(tmp_path / "job.json")])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    tensors = [{what: torch.load(out / f"rank{r}-{what}.pt") for what in ("initial", "grads", "step1", "final")}
-               for r in (0, 1)]
+    launch(["torch.distributed.run", "--standalone", "--nproc-per-node", "2"], tmp_path, ["base"],
+           {"max_grad_norm": 0.0})
+    ranks, tensors = load(tmp_path, "base")
+    check_ranks(ranks, tensors, "MULTI_CPU", "DistributedDataParallel")
 
-    # really DDP: two gloo ranks, and compute_loss got the DDP-wrapped model
-    for rank, result in enumerate(ranks):
-        assert (result["rank"], result["world_size"], result["backend"]) == (rank, 2, "gloo")
-        assert "MULTI_CPU" in result["distributed_type"]
-        assert [c["ddp"] for c in result["losses"]] == ["DistributedDataParallel"] * 2
-        assert len(result["batches"]) == 2
-        assert all(math.isfinite(c["loss"]) and c["loss"] > 0 for c in result["losses"])
-    # step 1: the ranks split the 4 rows between them
-    by_question = {row["question"]: row for row in ROWS}
-    step_one = [result["batches"][0] for result in ranks]
-    seen = [q for batch in step_one for q in batch["questions"]]
-    assert sorted(seen) == sorted(by_question) and len(set(step_one[0]["questions"])) == 2
-
-    # TRL logs the mean over ranks of their losses
-    logged = [h["loss"] for h in ranks[0]["log_history"] if "loss" in h]
-    assert len(logged) == 2 and all(math.isfinite(x) for x in logged)
-    assert logged[0] == pytest.approx((ranks[0]["losses"][0]["loss"] + ranks[1]["losses"][0]["loss"]) / 2, rel=1e-5)
-    assert logged == [h["loss"] for h in ranks[1]["log_history"] if "loss" in h]
-
-    # DDP keeps the ranks in step: the same start, the same reduced gradients, the same weights
-    for what in ("initial", "grads", "step1", "final"):
-        a, b = tensors[0][what], tensors[1][what]
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), what
-    assert ranks[0]["digest"] == ranks[1]["digest"]
-    assert any(not torch.equal(tensors[0]["final"][k], tensors[0]["step1"][k]) for k in tensors[0]["final"])
-
-    # one process, both ranks' batches, from the weights DDP started from
-    model, tokenizer = load_model("tiny:llama", seed=0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(tensors[0]["initial"][name])
-    reference = OPSDLTrainer(model, args=config(tmp_path / "one"), train_dataset=Dataset.from_list(ROWS),
-                             processing_class=tokenizer)
-    reference.model.train()
-    per_batch, losses = [], []
-    for rank, batch_record in enumerate(step_one):
-        reference.model.zero_grad(set_to_none=True)
-        batch = reference._prepare_training_batch([by_question[q] for q in batch_record["questions"]])
-        completions = [ids[m.bool()].tolist() for ids, m in zip(batch["completion_ids"], batch["completion_mask"])]
-        assert completions == batch_record["completions"]  # the same greedy rollouts as on that rank
-        loss = reference.compute_loss(reference.model, batch)
-        loss.backward()
-        losses.append(float(loss.detach()))
-        per_batch.append({n: p.grad.detach().clone() for n, p in reference.model.named_parameters()})
-    for rank in (0, 1):
-        assert losses[rank] == pytest.approx(ranks[rank]["losses"][0]["loss"], rel=1e-5, abs=1e-9)
-    mean = {name: (per_batch[0][name] + per_batch[1][name]) / 2 for name in per_batch[0]}
-    ddp_grads = tensors[0]["grads"]
+    initial = tensors["initial"][0]
+    reference = reference_trainer(tmp_path / "one", initial)
+    mean = replay_step(reference, ranks, 1)
+    ddp_grads = tensors["grads1"][0]
     assert ddp_grads.keys() == mean.keys()
     errors = relative_errors(ddp_grads, mean)
     assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
-    # the bound discriminates: one rank's gradient alone is far from the mean
-    assert max(relative_errors(per_batch[0], mean).values()) > 1e-2
 
     # the first optimizer step, taken by the reference's own (TRL default) optimizer on the mean
     optimizer = reference.create_optimizer()
@@ -154,14 +92,50 @@ def test_ddp_two_ranks_average_gradients_as_one_process_with_both_batches(tmp_pa
         param.grad = mean[name].clone()
     optimizer.step()
     lr = reference.args.learning_rate
-    worst = max(float((param.detach() - tensors[0]["step1"][name]).abs().max())
-                for name, param in reference.model.named_parameters())
-    moved = max(float((tensors[0]["step1"][k] - tensors[0]["initial"][k]).abs().max()) for k in tensors[0]["step1"])
+    after = tensors["step1"][0]
+    worst = max(float((param.detach() - after[name]).abs().max()) for name, param in reference.model.named_parameters())
+    moved = max(float((after[k] - initial[k]).abs().max()) for k in after)
     assert moved > 0.5 * lr  # the step moved the weights by ~lr
     assert worst < 1e-3 * lr, worst
 
 
-# ---- 2. PEFT with an EMA teacher -------------------------------------------------------------------
+# ---- 2. DeepSpeed ZeRO-1 and ZeRO-2 under accelerate launch -----------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed "
+                    "(pip install \"opsdl[deepspeed]\")")
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_steps_with_the_mean_of_the_ranks_gradients(tmp_path, stage):
+    """``accelerate launch --use_deepspeed --zero_stage 1|2`` on two CPU ranks (DeepSpeed's CPU
+    accelerator, gloo). DeepSpeed takes the optimizer step inside the backward and keeps the reduced
+    gradients in its own partitions, so the step itself is read: with plain SGD at lr 1 (no
+    momentum, no decay, no clipping), the initial weights minus step 1's are the gradient it
+    applied, which must be the mean of the ranks' per-batch gradients replayed in one process.
+    The step rounds each weight once (to ~1 ulp of the weight: on the layer norms, weights ~1 with
+    small gradients, that is up to 2.6e-3 of the gradient), so the bound per tensor is
+    ||eps * max(|w0|, |w1|)|| + 1e-4 ||g||: measured at most 0.24 of it; every gradient's norm is at
+    least 91 times it, so half or twice the mean (a sum over the ranks) fails."""
+    launch(["accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage), "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())], tmp_path, ["base"],
+           {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 1.0, "weight_decay": 0.0},
+           env={"DS_ACCELERATOR": "cpu"})
+    ranks, tensors = load(tmp_path, "base")
+    check_ranks(ranks, tensors, "DEEPSPEED", "DeepSpeedEngine")
+    assert [r["zero_stage"] for r in ranks] == [stage, stage]
+    assert "grads1" not in tensors  # DeepSpeed's gradients live in its partitions, not in .grad
+
+    initial, after = tensors["initial"][0], tensors["step1"][0]
+    mean = replay_step(reference_trainer(tmp_path / "one", initial), ranks, 1)
+    assert mean.keys() == initial.keys()
+    for name, grad in mean.items():
+        applied = initial[name] - after[name]  # SGD at lr 1: the gradient, rounded once into the weights
+        rounding = torch.finfo(torch.float32).eps * torch.maximum(initial[name].abs(), after[name].abs())
+        bound = float(rounding.norm()) + 1e-4 * float(grad.norm())
+        error = float((applied - grad).norm())
+        assert error <= bound, (name, error, bound)
+        assert float(grad.norm()) > 10 * bound, name  # half or twice the mean (a sum over ranks) fails it
+
+
+# ---- 3. PEFT with an EMA teacher -------------------------------------------------------------------
 def adapter(model, name: str = "default") -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
@@ -279,7 +253,7 @@ def test_peft_ema_teacher_is_a_second_adapter_moved_by_ema(tmp_path):
     assert abs(float(hand_rkl(student_hidden, model, head, fixed)) - float(expected)) > 5e-4  # student's adapter
 
 
-# ---- 3. PEFT with the live teacher --------------------------------------------------------------------
+# ---- 4. PEFT with the live teacher --------------------------------------------------------------------
 def test_peft_live_teacher_sampled_loss_is_the_log_ratio_of_two_forwards(tmp_path):
     """The live teacher is the student with its adapters on: the step-1 loss of the sampled
     estimator is mean over answer tokens of log p(y | long prompt) - log p(y | short prompt), both

@@ -24,24 +24,11 @@ from opsdl.model import lm_head, load_model  # noqa: E402
 from opsdl.objective import distillation_loss, packed_rows  # noqa: E402
 from opsdl.options import TrainConfig  # noqa: E402
 from opsdl.rollout import prompt_ids, sample  # noqa: E402
+from tests.trainer.trl_replay import ROWS, config  # noqa: E402
 
 WORKER = Path(__file__).with_name("trl_peft_memory_worker.py")
 README = Path(__file__).resolve().parents[2] / "README.md"
-EXAMPLES = [
-    {"long_context": "Notes on the garden. " * 12 + "The vault code is 4417. " + "More notes. " * 6,
-     "short_context": "The vault code is 4417.", "question": "What is the vault code?"},
-    {"long_context": "A log of the week. " * 9 + "Maria owns the red bicycle.",
-     "short_context": "Maria owns the red bicycle.", "question": "Who owns the red bicycle?"},
-]
-
-
-def config(tmp_path: Path, **overrides) -> OPSDLConfig:
-    """Greedy rollouts of at most 8 tokens, scored at temperature 1 (as `opsdl train --temperature 0`)."""
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_completion_length=8, max_steps=1,
-                    report_to=[], use_cpu=True, generation_kwargs={"do_sample": False}, seed=0, fused_impl="torch",
-                    logging_steps=1, shuffle_dataset=False, bf16=False,
-                    lr_scheduler_type="constant")
-    return OPSDLConfig(**{**settings, **overrides})
+EXAMPLES = ROWS[:2]
 
 
 def trl_step_one(trainer: OPSDLTrainer) -> tuple[torch.Tensor, list[list[int]], dict[str, torch.Tensor]]:
@@ -116,7 +103,7 @@ def test_prompt_and_teacher_prompt_columns_train_and_checkpoint(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": f"{e['long_context']}\n\n{e['question']}"}],
              "teacher_prompt": [{"role": "user", "content": f"{e['short_context']}\n\n{e['question']}"}]}
             for e in EXAMPLES] * 2
-    trainer = OPSDLTrainer("tiny:llama", args=config(tmp_path, max_steps=2, save_steps=2,
+    trainer = OPSDLTrainer("tiny:llama", args=config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2,
                                                      generation_kwargs=None, temperature=0.7),
                            train_dataset=Dataset.from_list(rows))
     trainer.train()
@@ -126,14 +113,19 @@ def test_prompt_and_teacher_prompt_columns_train_and_checkpoint(tmp_path):
     assert "opsdl/log_ratio" in trainer.state.log_history[0]
 
 
+def saving(path: Path, steps: int) -> OPSDLConfig:
+    """``steps`` steps, a checkpoint at the last."""
+    return config(path, max_steps=steps, save_strategy="steps", save_steps=steps)
+
+
 def test_resume_continues_as_an_uninterrupted_run(tmp_path):
     """3 steps in one go, and 2 steps then a resumed 3rd from checkpoint-2: the same weights."""
     data = Dataset.from_list(EXAMPLES * 3)
-    whole = OPSDLTrainer("tiny:llama", args=config(tmp_path / "whole", max_steps=3, save_steps=3), train_dataset=data)
+    whole = OPSDLTrainer("tiny:llama", args=saving(tmp_path / "whole", 3), train_dataset=data)
     whole.train()
-    first = OPSDLTrainer("tiny:llama", args=config(tmp_path / "cut", max_steps=2, save_steps=2), train_dataset=data)
+    first = OPSDLTrainer("tiny:llama", args=saving(tmp_path / "cut", 2), train_dataset=data)
     first.train()
-    resumed = OPSDLTrainer("tiny:llama", args=config(tmp_path / "cut", max_steps=3, save_steps=3), train_dataset=data)
+    resumed = OPSDLTrainer("tiny:llama", args=saving(tmp_path / "cut", 3), train_dataset=data)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):

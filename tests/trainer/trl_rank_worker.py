@@ -1,15 +1,19 @@
-"""The rank side of tests/trainer/test_trl_fsdp.py, started there with ``accelerate launch`` (not a test module).
+"""The rank side of tests/trainer/test_trl_launch.py and tests/trainer/test_trl_fsdp.py (not a test
+module), started there by a launcher on two CPU ranks (gloo):
 
-    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 tests/trainer/trl_fsdp_worker.py JOB.json
+    torchrun --standalone --nproc-per-node 2 tests/trainer/trl_rank_worker.py JOB.json           (DDP)
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 ... trl_rank_worker.py JOB.json
+    accelerate launch --use_deepspeed --zero_stage 2 --num_processes 2 ... trl_rank_worker.py JOB.json
 
 JOB.json: {"rows": [dataset rows], "out": folder, "teachers": ["live", "base", ...], "config": OPSDLConfig
-overrides}. For each teacher kind in turn, every rank trains ``OPSDLTrainer("tiny:llama")`` under
-accelerate's FSDP2 (gloo on the CPU) and writes, in ``out/<teacher>``: ``rank{r}.json`` (what it
-trained on: the questions and rollouts of each batch it prepared, the losses its ``compute_loss``
-returned, what the lm-heads it read looked like, the FSDP setup) and ``rank{r}-{what}.pt`` state
-dicts of whole tensors (``DTensor.full_tensor()``): ``initial`` (at ``on_train_begin``, after
-sharding), ``grads{k}`` (the gradients optimizer step k applies, reduce-scattered by FSDP, at
-``on_pre_optimizer_step``) and ``step{k}`` (the weights after step k).
+overrides}. For each teacher kind in turn, every rank trains ``OPSDLTrainer("tiny:llama")`` and
+writes, in ``out/<teacher>``: ``rank{r}.json`` (what it trained on: the questions and rollouts of
+each batch it prepared, the losses its ``compute_loss`` returned, what the lm-heads it read looked
+like, the distributed setup) and ``rank{r}-{what}.pt`` state dicts of whole tensors
+(``DTensor.full_tensor()`` under FSDP2): ``initial`` (at ``on_train_begin``, after wrapping),
+``grads{k}`` (the gradients optimizer step k applies, reduced over the ranks, at
+``on_pre_optimizer_step``; DeepSpeed steps inside the backward and keeps its gradients in its own
+partitions: no file) and ``step{k}`` (the weights after step k).
 
 Accelerate 1.16 runs FSDP on accelerators only: on the CPU, ``accelerate launch --use_fsdp`` still
 sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables, and ``Accelerator`` builds the FSDP
@@ -38,7 +42,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from fsdp_worker import destroy_group  # noqa: E402  (this folder: the script's own)
-from opsdl.integrations.trl import OPSDLConfig, OPSDLTrainer  # noqa: E402
+from trl_replay import config  # noqa: E402
+from opsdl.integrations.trl import OPSDLTrainer  # noqa: E402
 from opsdl.integrations.trl.hidden import output_head  # noqa: E402
 
 
@@ -85,8 +90,9 @@ class Recorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state_, control, model=None, **kwargs):
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        self.info.setdefault("grad_types", sorted({type(g).__name__ for g in grads.values()}))
-        self.save(f"grads{state_.global_step + 1}", {name: whole(g) for name, g in grads.items()})
+        if grads:
+            self.info.setdefault("grad_types", sorted({type(g).__name__ for g in grads.values()}))
+            self.save(f"grads{state_.global_step + 1}", {name: whole(g) for name, g in grads.items()})
 
     def on_optimizer_step(self, args, state_, control, model=None, **kwargs):
         self.save(f"step{state_.global_step + 1}", state(model))
@@ -96,19 +102,27 @@ def main(job_file: str) -> None:
     cpu_fsdp()
     job = json.loads(Path(job_file).read_text())
     for teacher in job["teachers"]:
-        train_and_record(job, teacher)
-        gc.collect()  # the trainer, gone with train_and_record's frame: its FSDP states hold the group's mesh
+        launched = train_and_record(job, teacher)
+        gc.collect()  # the trainer, gone with train_and_record's frame: its DDP module or FSDP states hold the group
+    if launched == DistributedType.DEEPSPEED:
+        # DeepSpeed (0.19.8) keeps one gloo group's threads alive past every destroy call, held where
+        # no Python object reaches (the same happens to a DDP run once deepspeed is installed, which
+        # is why CI does not install it): leave without the interpreter's finalization, the place
+        # of the exit race that destroy_group() guards against; the records are written
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     destroy_group()  # and check that its gloo threads ended (fsdp_worker.py says why)
 
 
-def train_and_record(job: dict, teacher: str) -> None:
+def train_and_record(job: dict, teacher: str) -> DistributedType:
+    """One run of ``teacher``'s kind, recorded; returns the launcher's distributed type."""
     out = Path(job["out"]) / teacher
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(output_dir=str(out / "run"), per_device_train_batch_size=2, max_completion_length=8, max_steps=2,
-                    report_to=[], use_cpu=True, generation_kwargs={"do_sample": False}, seed=0, fused_impl="torch",
-                    logging_steps=1, shuffle_dataset=False, bf16=False, lr_scheduler_type="constant",
-                    save_strategy="no", teacher_model_kind=teacher)
-    args = OPSDLConfig(**{**settings, **job.get("config", {})})
+    args = config(out / "run", teacher_model_kind=teacher, **job.get("config", {}))
     rank = args.process_index
     recorder = Recorder(out, rank)
     trainer = OPSDLTrainer("tiny:llama", args=args, train_dataset=Dataset.from_list(job["rows"]), callbacks=[recorder])
@@ -133,13 +147,18 @@ def train_and_record(job: dict, teacher: str) -> None:
 
     trainer._prepare_training_batch, trainer.compute_loss = prepare_spy, loss_spy
     trainer.train()
-    plugin = trainer.accelerator.state.fsdp_plugin
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)  # DDP under torchrun has neither plugin
+    deepspeed = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     result = {"rank": rank, "world_size": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type),
-              "fsdp_version": getattr(plugin, "fsdp_version", None),
+              "fsdp_version": getattr(plugin, "fsdp_version", None), "zero_stage": getattr(deepspeed, "zero_stage", None),
               "backend": dist.get_backend() if dist.is_initialized() else None,
               "teacher_is_model": trainer.teacher_model is trainer.model,
               "batches": batches, "losses": losses, "log_history": trainer.state.log_history, **recorder.info}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    launched = trainer.accelerator.distributed_type
+    if launched == DistributedType.DEEPSPEED:
+        trainer.accelerator.free_memory()  # DeepSpeed's engine holds its hooks and groups until destroyed
+    return launched
 
 
 if __name__ == "__main__":
