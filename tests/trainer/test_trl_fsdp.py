@@ -14,8 +14,8 @@ the kernels take for a vocabulary-parallel shard of rows that are the same on ev
 loss, then a crash in the backward. The worker records what the loss read; the first test checks it.)
 The base teacher is OPSDLTrainer's own copy of the initial weights, sharded like the student
 (TRL's ``prepare_fsdp``); its head, a constant, is gathered whole for the loss (``whole_head``).
-An EMA teacher takes the same path (checked by hand, not here: the reference would need its
-averaged weights).
+An EMA teacher is such a copy too, which TRL's callback averages shard by shard after each step;
+the reference gives its own teacher the averaged weights by hand.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ pytest.importorskip("trl")
 from tests.trainer.trl_replay import (ROWS, free_port, launch, load, reference_trainer, relative_errors,  # noqa: E402
                                       replay_step)
 
-TEACHERS = ["live", "base"]
+TEACHERS = ["live", "base", "ema"]
 # a rate large enough that step 1 moves the weights (and the base teacher then differs from the live
-# one at step 2); no clipping (it would rescale an error away)
-OVERRIDES = {"learning_rate": 1e-3, "max_grad_norm": 0.0}
+# one at step 2); no clipping (it would rescale an error away); the EMA teacher halfway to the student
+OVERRIDES = {"learning_rate": 1e-3, "max_grad_norm": 0.0, "teacher_update_rate": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,8 @@ def test_it_is_fsdp2_and_the_loss_reads_the_whole_lm_head(launched, teacher):
 def test_fsdp2_gradients_are_the_mean_of_the_ranks_batches_in_one_process(launched, tmp_path, teacher):
     """Per step, one process replays each rank's batch (as the worker recorded it) from the weights
     FSDP had before that step, with the trainer's own ``_prepare_training_batch`` and
-    ``compute_loss`` (the base teacher: the initial weights; the live one: the same weights).
+    ``compute_loss`` (the base teacher: the initial weights; the live one: the same weights; the
+    EMA one: the initial weights at step 1, then their average with step 1's at the given rate).
     FSDP's gradients (reduce-scattered, gathered whole) must be the mean of the two per-batch
     gradients, as DDP's are (tests/trainer/test_trl_launch.py): measured bit for bit, bound
     ||g_fsdp - g_ref|| / ||g_ref|| < 1e-4 per tensor (one rank's gradient alone is ~0.8 from the
@@ -93,6 +94,11 @@ def test_fsdp2_gradients_are_the_mean_of_the_ranks_batches_in_one_process(launch
         with torch.no_grad():
             for name, param in reference.model.named_parameters():
                 param.copy_(before[name])
+        if teacher == "ema" and step == 2:  # TRL's update after step 1: (1 - rate) * teacher + rate * student
+            rate = OVERRIDES["teacher_update_rate"]
+            with torch.no_grad():
+                for name, param in reference.teacher_model.named_parameters():
+                    param.copy_((1 - rate) * initial[name] + rate * tensors["step1"][0][name])
         mean = replay_step(reference, ranks, step)
         got = tensors[f"grads{step}"][0]
         assert got.keys() == mean.keys()
@@ -112,11 +118,16 @@ def test_fsdp2_gradients_are_the_mean_of_the_ranks_batches_in_one_process(launch
 
 
 def test_the_teachers_differ_at_step_two(launched):
-    """Step 1 starts both runs from the same weights with the same teacher; at step 2 the base
-    teacher is the initial weights and the live one the updated student: the losses must differ
-    (measured ~3.5x), so the gradient test above tells the teachers apart."""
+    """Step 1 starts every run from the same weights with the same teacher; at step 2 the base
+    teacher is the initial weights, the live one the updated student and the EMA one halfway: the
+    losses must differ (measured, per rank: live 0.28 and 0.32 of base, EMA 0.28 and 0.36 of base,
+    0.9% and 14% from live), so the losses the gradient test replays (to 1e-5) tell them apart."""
     live, _ = load(launched, "live")
     base, _ = load(launched, "base")
-    for a, b in zip(live, base):
+    ema, _ = load(launched, "ema")
+    for a, b, c in zip(live, base, ema):
         assert a["losses"][0]["loss"] == pytest.approx(b["losses"][0]["loss"], rel=1e-6)
+        assert c["losses"][0]["loss"] == pytest.approx(b["losses"][0]["loss"], rel=1e-6)
         assert abs(a["losses"][1]["loss"] - b["losses"][1]["loss"]) > 0.2 * b["losses"][1]["loss"]
+        assert abs(c["losses"][1]["loss"] - b["losses"][1]["loss"]) > 0.2 * b["losses"][1]["loss"]
+        assert abs(c["losses"][1]["loss"] - a["losses"][1]["loss"]) > 1e-3 * a["losses"][1]["loss"]
