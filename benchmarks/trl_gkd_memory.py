@@ -27,42 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.process_memory import held_bytes, peak_bytes, reset_peak
+
 LOSSES = ("trl", "fused")
-
-
-def _held_bytes(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as f:  # resident pages now
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak(device) -> bool:
-    """Forget the peak so far (loading, the warm-up step); False where the CPU's cannot be reset."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the high-water RSS (VmHWM)
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes(device) -> int:
-    import torch
-
-    from opsdl.steps import peak_memory_mib
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return int(peak_memory_mib(device) * 2**20)
 
 
 def one_step(loss_kind: str, args: argparse.Namespace) -> dict:
@@ -123,10 +90,10 @@ def one_step(loss_kind: str, args: argparse.Namespace) -> dict:
         return float(loss.detach()), time.perf_counter() - started
 
     _, warm_up_s = step()
-    reset = _reset_peak(device)
-    held = _held_bytes(device)
+    reset = reset_peak(device)
+    held = held_bytes(device)
     loss, step_s = step()
-    peak = _peak_bytes(device)
+    peak = peak_bytes(device)
     return {"loss": loss_kind, "trainer": trainer_class.__name__, "peak_bytes": peak, "peak_gib": peak / 2**30,
             "held_before_step_bytes": held, "step_rise_bytes": peak - held, "peak_reset_after_loading": reset,
             "loss_value": loss, "warm_up_step_s": warm_up_s, "step_s": step_s,
