@@ -78,7 +78,8 @@ def colocated_engine_start(model: nn.Module, tokenizer, args) -> Iterator[None]:
                    "and removed after it", name, folder)
     try:
         model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        if tokenizer is not None:  # without one, SDFT's own tokenizer loading reports it
+            tokenizer.save_pretrained(folder)
         model.name_or_path = folder
         with _eager_on_cpu():
             yield
