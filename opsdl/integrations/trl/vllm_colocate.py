@@ -11,8 +11,9 @@ vLLM's CPU backend. TRL 1.16 (``trl/generation/vllm_generation.py``) has two gap
   as ``opsdl``'s own engine does; TRL's own walk over the parameters (PEFT merge, FSDP gather,
   vLLM's names) is kept.
 
-On the CPU the colocated engine also runs eagerly, as ``opsdl``'s own: TRL leaves vLLM's default,
-an inductor compilation that takes minutes on a few cores.
+On the CPU the colocated engine also runs eagerly, as ``opsdl``'s own (TRL leaves vLLM's default,
+an inductor compilation that takes minutes on a few cores), with a KV cache of the size its
+sequences need (``_cpu_engine``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Iterator
 from accelerate.utils import is_peft_model
 from torch import nn
 
-from ...vllm_rollout import reload_worker_weights
+from ...vllm_rollout import kv_bytes_per_token, reload_worker_weights
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -43,14 +44,27 @@ def _opens_in_vllm(name_or_path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _eager_on_cpu() -> Iterator[None]:
-    """TRL's ``LLM(...)`` call gets ``enforce_eager=True`` on vLLM's CPU backend."""
+def _cpu_engine(model: nn.Module) -> Iterator[None]:
+    """On vLLM's CPU backend, TRL's ``LLM(...)`` call runs the engine eagerly with a KV cache sized for
+    its own sequences (``max_num_seqs`` x ``max_model_len`` tokens), unless VLLM_CPU_KVCACHE_SPACE
+    says otherwise: without a size, vLLM's CPU worker takes ``gpu_memory_utilization`` of the host
+    memory minus what the whole process already holds, which a trainer's process can exceed."""
     import trl.generation.vllm_generation as trl_vllm
     from vllm.platforms import current_platform
 
     engine = trl_vllm.LLM
+
+    def cpu_engine(**options):
+        if options.get("max_num_seqs") and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            config = model.config
+            length = options.get("max_model_len") or config.max_position_embeddings
+            value_bytes = next(model.parameters()).element_size()  # vLLM's dtype "auto": the model's
+            options.setdefault("kv_cache_memory_bytes",
+                               options["max_num_seqs"] * length * kv_bytes_per_token(config, value_bytes))
+        return engine(enforce_eager=True, **options)
+
     if current_platform.is_cpu():
-        trl_vllm.LLM = functools.partial(engine, enforce_eager=True)
+        trl_vllm.LLM = cpu_engine
     try:
         yield
     finally:
@@ -60,13 +74,13 @@ def _eager_on_cpu() -> Iterator[None]:
 @contextlib.contextmanager
 def colocated_engine_start(model: nn.Module, tokenizer, args) -> Iterator[None]:
     """While TRL starts a colocated engine: ``model.name_or_path`` names a folder vLLM opens, and on
-    the CPU the engine is eager. Without vLLM installed, TRL's own error says so."""
+    the CPU the engine is eager with its KV cache sized. Without vLLM installed, TRL's own error says so."""
     if not (args.use_vllm and args.vllm_mode == "colocate") or importlib.util.find_spec("vllm") is None:
         yield
         return
     name = getattr(model, "name_or_path", "") or ""
     if _opens_in_vllm(name):
-        with _eager_on_cpu():
+        with _cpu_engine(model):
             yield
         return
     if is_peft_model(model):
@@ -81,7 +95,7 @@ def colocated_engine_start(model: nn.Module, tokenizer, args) -> Iterator[None]:
         if tokenizer is not None:  # without one, SDFT's own tokenizer loading reports it
             tokenizer.save_pretrained(folder)
         model.name_or_path = folder
-        with _eager_on_cpu():
+        with _cpu_engine(model):
             yield
     finally:
         model.name_or_path = name
