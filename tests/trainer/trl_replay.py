@@ -103,3 +103,17 @@ def replay_step(reference: OPSDLTrainer, ranks: list[dict], step: int) -> dict[s
     mean = {name: (per_batch[0][name] + per_batch[1][name]) / 2 for name in per_batch[0]}
     assert max(relative_errors(per_batch[0], mean).values()) > 1e-2  # a bound of 1e-4 on the mean discriminates
     return mean
+
+
+def check_first_step(reference: OPSDLTrainer, mean: dict, initial: dict, after: dict) -> None:
+    """The reference's own (TRL default) optimizer, stepped once from ``initial`` with the gradient
+    ``mean``, lands within 1e-3 * lr of the ranks' weights ``after`` step 1 (elements whose gradient
+    is within ~eps=1e-8 of 0 amplify any gradient rounding), and that step moved them by ~lr."""
+    optimizer = reference.create_optimizer()
+    for name, param in reference.model.named_parameters():
+        param.grad = mean[name].clone()
+    optimizer.step()
+    lr = reference.args.learning_rate
+    moved = max(float((after[k] - initial[k]).abs().max()) for k in after)
+    worst = max(float((p.detach() - after[n]).abs().max()) for n, p in reference.model.named_parameters())
+    assert moved > 0.5 * lr and worst < 1e-3 * lr, (moved, worst)

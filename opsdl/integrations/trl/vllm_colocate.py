@@ -18,7 +18,6 @@ sequences need (``_cpu_engine``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import logging
 import os
