@@ -1,8 +1,22 @@
-"""A process's memory for the one-step memory benchmarks (``trl_gkd_memory``, ``trl_opsdl_memory``):
-on CUDA the allocator's counters, on the CPU the resident size and its high-water mark (VmHWM)."""
+"""What the TRL memory benchmarks (``trl_gkd_memory``, ``trl_opsdl_memory``) share: a process's
+memory (on CUDA the allocator's counters, on the CPU the resident size and its high-water mark,
+VmHWM) and the check of their ``--out``."""
 from __future__ import annotations
 
+import argparse
 import os
+from pathlib import Path
+from typing import Optional
+
+
+def report_path(parser: argparse.ArgumentParser, out: Optional[str]) -> Path:
+    """``--out`` as a path whose folder exists; refused in one line otherwise."""
+    if out is None:
+        parser.error("--out: required (the path of the JSON report)")
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise SystemExit(f"--out {out}: no such folder {path.parent}")
+    return path
 
 
 def held_bytes(device) -> int:

@@ -25,9 +25,8 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.process_memory import held_bytes, peak_bytes, reset_peak
+from benchmarks.process_memory import held_bytes, peak_bytes, report_path, reset_peak
 
 LOSSES = ("trl", "fused")
 
@@ -141,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from opsdl.files import write_atomic
 
-    if args.out is None:
-        parser.error("--out: required (the path of the JSON report)")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise SystemExit(f"--out {args.out}: no such folder {out.parent}")
+    out = report_path(parser, args.out)
     rows = [run_child(kind, args) for kind in LOSSES]
     for row in rows:
         if "error" in row:

@@ -31,9 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.process_memory import held_bytes, peak_bytes, reset_peak
+from benchmarks.process_memory import held_bytes, peak_bytes, report_path, reset_peak
 
 TRAINERS = ("opsdl", "sdft")
 FILLER = "The committee met again and discussed the schedule, the budget and the minutes. "
@@ -127,11 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from opsdl.files import write_atomic
     from opsdl.model import load_model
 
-    if args.out is None:
-        parser.error("--out: required (the path of the JSON report)")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise SystemExit(f"--out {args.out}: no such folder {out.parent}")
+    out = report_path(parser, args.out)
     with tempfile.TemporaryDirectory(prefix="opsdl-trl-memory-model-") as folder:
         import torch
 
