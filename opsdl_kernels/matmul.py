@@ -204,7 +204,15 @@ def scaled_mm_(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool
         return out
     if not accumulate:
         out.zero_()
-    return out.addmm_(a, b, alpha=alpha)
+    return out.addmm_(_dense(a), _dense(b), alpha=alpha)
+
+
+def _dense(x: Tensor) -> Tensor:
+    """A 16-bit CPU operand as a row- or column-major matrix (a copy of a view with a wider row stride,
+    the size of that view): oneDNN's AMX bf16 product given such a view has written NaN rows (measured
+    on a Xeon with AMX, torch 2.13); a dense copy does not. Other dtypes and devices pass unchanged."""
+    dense = x.is_contiguous() or x.t().is_contiguous()
+    return x if dense or x.dtype == torch.float32 or x.device.type != "cpu" else x.contiguous()
 
 
 def column_sums_(acc: Optional[Tensor], g: Tensor) -> None:

@@ -144,7 +144,9 @@ def test_weight_upcast_warns_once_per_process(monkeypatch):
     print(upcasts[0] if upcasts else "no warning")
     assert len(upcasts) == 1
     assert torch.__version__ in upcasts[0] and "cpu (capability" in upcasts[0]
-    assert "37.5 KiB for this 300 x 32 weight" in upcasts[0] and "fp32 rate" in upcasts[0]
+    assert "37.5 KiB for this 300 x 32 weight" in upcasts[0]
+    # where the products go depends on the CPU: oneDNN's bf16 math mode where it has bf16 units
+    assert ("fp32 rate" in upcasts[0]) != ("bf16 units" in upcasts[0])
 
 
 @pytest.mark.parametrize("dtype,native", [(torch.float32, True), (torch.bfloat16, True), (torch.float16, True),
