@@ -66,15 +66,16 @@ def opsdl_step_one(model, tokenizer, estimator: str, teacher: str, responses=Non
 def assert_same_step(trl_result, opsdl_result):
     """Padded batches (TRL) against packed rows (opsdl) in float32 sum in different orders. The exact
     KL is a small difference of log-probabilities near log V ~ 10.8: measured |loss difference| at
-    most 6e-8 (tiny llama and SmolLM2-135M alike); gradients, per tensor, ||g - g_ref|| / ||g_ref||
-    at most 1.2e-6 (tiny) and 2.2e-5 (SmolLM2, 30 layers). Bounds: 1e-6 absolute on the loss (16x),
+    most 6e-8 on an AMD EPYC and 1.13e-6 on a Xeon with AMX (SmolLM2-135M); gradients, per tensor,
+    ||g - g_ref|| / ||g_ref|| at most 1.2e-6 (tiny) and 2.2e-5 (SmolLM2, 30 layers, EPYC). Bounds:
+    1e-5 absolute on the loss (8.8x over the larger),
     2e-4 on each tensor's relative gradient error (9x); a wrong row, teacher or temperature moves
     both by more than 1e-3."""
     loss, responses, grads, prompts = trl_result
     ref_loss, ref_responses, ref_grads, ref_prompts = opsdl_result
     assert prompts == ref_prompts  # the same prompt tokens as `opsdl train`
     assert responses == ref_responses
-    assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-6), (loss, ref_loss)
+    assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-5), (loss.item(), ref_loss.item(), (loss - ref_loss).item())
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         assert (grads[name] - ref).norm() <= 2e-4 * ref.norm(), name
